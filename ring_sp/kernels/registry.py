@@ -1,0 +1,102 @@
+"""The block backends and how one is chosen.
+
+A backend computes one block of attention with no distribution:
+
+- ``forward(q, k, v, state, band, key_mask, scale)`` folds the K/V block into ``state`` in place.
+- ``backward(do, q, k, v, out, lse, delta, dq, dk, dv, band, key_mask, scale)`` adds this
+  block's gradients to the float32 accumulators dq, dk, dv in place, given the *final* output
+  ``out`` and log-sum-exp ``lse`` of the query rows and delta = rowsum(do · out).
+
+Shapes: q, do, out, dq (batch, seq_q, heads, head_dim); k, v, dk, dv (batch, seq_k, kv_heads,
+head_dim), heads % kv_heads == 0, query head i using K/V head i // (heads // kv_heads); lse,
+delta (batch, heads, seq_q); key_mask (batch, seq_k) bool, True = may be attended, or None.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Protocol
+
+from torch import Tensor
+
+from ring_sp.kernels.state import State
+from ring_sp.schedule import Band
+
+log = logging.getLogger("ring_sp")
+
+
+class Backend(Protocol):
+    name: str
+
+    def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
+        """Why this backend cannot compute such a block, or None if it can."""
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None, scale: float
+    ) -> None: ...
+
+    def backward(
+        self,
+        do: Tensor,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        out: Tensor,
+        lse: Tensor,
+        delta: Tensor,
+        dq: Tensor,
+        dk: Tensor,
+        dv: Tensor,
+        band: Band,
+        key_mask: Tensor | None,
+        scale: float,
+    ) -> None: ...
+
+
+# name -> (factory taking the torch backend's bucket size, priority: higher is tried first by "auto")
+_FACTORIES: dict[str, tuple[Callable[[int | None], Backend], int]] = {}
+_INSTANCES: dict[tuple[str, int | None], Backend] = {}
+_LOGGED: set[tuple] = set()
+
+
+def register(name: str, factory: Callable[[int | None], Backend], priority: int) -> None:
+    """Make a backend available by ``name``; ``auto`` tries higher ``priority`` first."""
+    _FACTORIES[name] = (factory, priority)
+
+
+def names() -> list[str]:
+    """Registered backend names, in the order ``auto`` tries them."""
+    return sorted(_FACTORIES, key=lambda n: -_FACTORIES[n][1])
+
+
+def get(name: str, bucket_size: int | None = None) -> Backend:
+    if name not in _FACTORIES:
+        raise ValueError(f"backend={name!r} is unknown: use 'auto' or one of {', '.join(names())}")
+    key = (name, bucket_size)
+    if key not in _INSTANCES:
+        _INSTANCES[key] = _FACTORIES[name][0](bucket_size)
+    return _INSTANCES[key]
+
+
+def choose(name: str, q: Tensor, k: Tensor, band: Band, has_mask: bool, bucket_size: int | None = None) -> Backend:
+    """The backend that computes a block: ``name`` itself, or for ``auto`` the first that can.
+
+    Raises ValueError when the named backend (or, for ``auto``, every backend) cannot serve it.
+    """
+    candidates = names() if name == "auto" else [name]
+    reasons = []
+    for candidate in candidates:
+        backend = get(candidate, bucket_size)
+        reason = backend.unsupported(q, k, band, has_mask)
+        if reason is None:
+            if name == "auto":
+                key = (q.device.type, q.dtype, q.shape[-1], band.kind, has_mask, candidate)
+                if key not in _LOGGED:
+                    _LOGGED.add(key)
+                    log.debug("backend auto: %s for %s blocks (%s, %s, head_dim %d, mask=%s)",
+                              candidate, band.kind, q.device.type, q.dtype, q.shape[-1], has_mask)
+            return backend
+        reasons.append(f"{candidate}: {reason}")
+    raise ValueError(f"backend={name!r} cannot compute a {band.kind} block of these inputs ({'; '.join(reasons)}): "
+                     "pick another backend or backend='auto'")

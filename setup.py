@@ -1,0 +1,20 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="ring_sp",
+    version="0.1.0",
+    description="Ring-attention sequence parallelism for Megatron-core and DeepSpeed",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["ring_sp", "ring_sp.*", "megatron_patch", "megatron_patch.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4", "numpy"],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "megatron": ["megatron-core>=0.13"],
+        "deepspeed": ["deepspeed>=0.14"],
+        "dev": ["pytest", "ruff", "matplotlib"],
+        "all": ["triton>=3.0", "megatron-core>=0.13", "deepspeed>=0.14", "matplotlib"],
+    },
+    license="MIT",
+)

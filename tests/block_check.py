@@ -1,0 +1,117 @@
+"""Check one block backend against the float64 reference: forward (continuing a state) and backward."""
+
+from __future__ import annotations
+
+import torch
+
+from ring_sp import kernels
+from ring_sp.kernels import State
+from ring_sp.schedule import Band
+from tests.reference import rel_err
+
+
+def band_pairs(sq: int, sk: int, band: Band) -> torch.Tensor:
+    d = torch.arange(sq)[:, None] - torch.arange(sk)[None, :]
+    ok = torch.ones(sq, sk, dtype=torch.bool)
+    if band.lo is not None:
+        ok &= d >= band.lo
+    if band.hi is not None:
+        ok &= d <= band.hi
+    return ok
+
+
+def _dense(q, k, v, vis, mask, scale):
+    """float64 attention of q over keys k/v with visibility vis (sq, sk) and key mask; (out, lse)."""
+    q, k, v = q.double(), k.double(), v.double()
+    g = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    ok = vis[None, None] if mask is None else vis[None, None] & mask[:, None, None, :]
+    s = s.masked_fill(~ok, float("-inf"))
+    lse = torch.logsumexp(s, -1)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, float("inf"))[..., None])
+    return torch.einsum("bhij,bjhd->bihd", p, v), lse
+
+
+def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: int, head_dim: int, band: Band,
+                masked: bool, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
+                bucket_size: int | None = None) -> dict[str, float]:
+    """Relative errors of out, lse, dq, dk, dv for two K/V blocks folded one after the other.
+
+    The first block is full (it starts the state), the second has ``band``: the backend must
+    continue the state the first left. The backward is checked for the second block alone,
+    given the final out and lse, as the ring calls it.
+    """
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
+    q = rnd(2, sq, heads, head_dim)
+    k1, v1 = rnd(2, sk, kv_heads, head_dim), rnd(2, sk, kv_heads, head_dim)
+    k2, v2 = rnd(2, sk, kv_heads, head_dim), rnd(2, sk, kv_heads, head_dim)
+    do = rnd(2, sq, heads, head_dim)
+    mask = (torch.rand(2, sk, generator=g) > 0.25) if masked else None
+    if masked:
+        mask[0, : sk // 2] = False
+    scale = head_dim ** -0.5
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    qc, k1c, v1c, k2c, v2c, doc = map(cast, (q, k1, v1, k2, v2, do))
+    mask_c = None if mask is None else mask.to(device)
+    full = Band()
+    backend = kernels.get(backend_name, bucket_size)
+    state = State.empty(qc)
+    backend.forward(qc, k1c, v1c, state, full, mask_c, scale)
+    backend.forward(qc, k2c, v2c, state, band, mask_c, scale)
+    out = state.output()
+
+    # Reference: both blocks at once (keys concatenated), visibility per block.
+    vis = torch.cat([torch.ones(sq, sk, dtype=torch.bool), band_pairs(sq, sk, band)], 1)
+    kk, vv = torch.cat([k1, k2], 1), torch.cat([v1, v2], 1)
+    mm = None if mask is None else torch.cat([mask, mask], 1)
+    ref_out, ref_lse = _dense(q, kk, vv, vis, mm, scale)
+    errors = {"out": rel_err(out.cpu(), ref_out)}
+    finite = torch.isfinite(ref_lse)
+    errors["lse"] = rel_err(state.lse.cpu()[finite], ref_lse[finite])
+    if not torch.equal(torch.isfinite(state.lse.cpu()), finite):
+        errors["lse"] = float("inf")
+
+    # Backward of the second block given the final out/lse, against autograd of the dense form.
+    qr, k2r, v2r = (t.clone().requires_grad_() for t in (q, k2, v2))
+    s = _dense_scores(qr, torch.cat([k1, k2r], 1), vis, mm, scale)
+    p = torch.softmax(s, -1).nan_to_num(0.0)
+    g2 = q.shape[2] // k1.shape[2]
+    out_r = torch.einsum("bhij,bjhd->bihd", p, torch.cat([v1, v2r], 1).repeat_interleave(g2, 2))
+    ref_dq, ref_dk, ref_dv = torch.autograd.grad(out_r, (qr, k2r, v2r), do)
+    # dq of block 2 alone: total dq minus block 1's share (computed from the dense form too).
+    ref_dq1 = _dq_of_block(q, k1, v1, do, ref_out, ref_lse, torch.ones(sq, sk, dtype=torch.bool), mask, scale)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    out_c = out.to(dtype)
+    delta = (doc.to(acc) * out_c.to(acc)).sum(-1).transpose(1, 2)
+    dq = torch.zeros(qc.shape, dtype=acc, device=device)
+    dk = torch.zeros(k2c.shape, dtype=acc, device=device)
+    dv = torch.zeros(v2c.shape, dtype=acc, device=device)
+    backend.backward(doc, qc, k2c, v2c, out_c, state.lse, delta, dq, dk, dv, band, mask_c, scale)
+    errors["dq"] = rel_err(dq.cpu(), ref_dq - ref_dq1)
+    errors["dk"] = rel_err(dk.cpu(), ref_dk)
+    errors["dv"] = rel_err(dv.cpu(), ref_dv)
+    return errors
+
+
+def _dense_scores(q, k, vis, mask, scale):
+    g = q.shape[2] // k.shape[2]
+    s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) * scale
+    ok = vis[None, None] if mask is None else vis[None, None] & mask[:, None, None, :]
+    return s.masked_fill(~ok, float("-inf"))
+
+
+def _dq_of_block(q, k, v, do, out, lse, vis, mask, scale):
+    """dq contributed by one block given the final out and lse (float64, the flash backward formula)."""
+    g = q.shape[2] // k.shape[2]
+    kr, vr = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    s = _dense_scores(q, k, vis, mask, scale)
+    p = torch.exp(s - torch.where(torch.isfinite(lse), lse, float("inf"))[..., None])
+    dp = torch.einsum("bihd,bjhd->bhij", do, vr)
+    delta = (do * out).sum(-1).transpose(1, 2)
+    ds = p * (dp - delta[..., None]) * scale
+    return torch.einsum("bhij,bjhd->bihd", ds, kr)
+
+
+BANDS = [Band(), Band(lo=0), Band(lo=1), Band(lo=-3), Band(lo=2, hi=9), Band(hi=4), Band(lo=-5, hi=-1)]

@@ -1,0 +1,117 @@
+"""Layouts and schedules, checked exhaustively against brute force on global positions."""
+
+import itertools
+
+import pytest
+import torch
+
+from ring_sp.layout import LAYOUTS, check_local_seq, local_positions, segments
+from ring_sp.schedule import plan
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_positions_partition_the_sequence(layout, world):
+    seq = 4 * world
+    held = torch.cat([local_positions(seq, layout, r, world) for r in range(world)])
+    assert sorted(held.tolist()) == list(range(seq))
+    for r in range(world):
+        pos = local_positions(seq, layout, r, world)
+        assert (pos[1:] > pos[:-1]).all(), "local positions must increase with the local index"
+        from_segments = torch.cat([s.global_start + s.stride * torch.arange(s.length)
+                                   for s in segments(layout, r, world, seq // world)])
+        assert torch.equal(pos, from_segments)
+
+
+def test_layout_formulas():
+    assert local_positions(8, "contiguous", 1, 2).tolist() == [4, 5, 6, 7]
+    assert local_positions(8, "striped", 1, 2).tolist() == [1, 3, 5, 7]
+    assert local_positions(8, "zigzag", 0, 2).tolist() == [0, 1, 6, 7]
+    assert local_positions(8, "zigzag", 1, 2).tolist() == [2, 3, 4, 5]
+
+
+def test_bad_layout_inputs():
+    with pytest.raises(ValueError, match="layout='diagonal' is unknown"):
+        local_positions(8, "diagonal", 0, 2)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        local_positions(12, "zigzag", 0, 4)
+    with pytest.raises(ValueError, match="must be even"):
+        check_local_seq("zigzag", 3, 4)
+
+
+def _visible_by_schedule(layout, world, n, **kw):
+    """count[r][p_local, t_global]: how often the schedule computes query p of rank r against key t."""
+    sched = plan(layout, world, n, **kw)
+    seq = world * n
+    counts = torch.zeros(world, n, seq, dtype=torch.long)
+    for step, per_rank in enumerate(sched.steps):
+        for r, blocks in enumerate(per_rank):
+            keys = local_positions(seq, layout, sched.source(step, r), world)
+            for b in blocks:
+                i = torch.arange(b.q_start, b.q_stop)[:, None]
+                j = torch.arange(b.k_start, b.k_stop)[None, :]
+                d = (i - b.q_start) - (j - b.k_start)
+                ok = torch.ones_like(d, dtype=torch.bool)
+                if b.band.lo is not None:
+                    ok &= d >= b.band.lo
+                if b.band.hi is not None:
+                    ok &= d <= b.band.hi
+                ii, jj = torch.broadcast_tensors(i, j)
+                counts[r].index_put_((ii[ok], keys[jj[ok]]), torch.tensor(1), accumulate=True)
+    return sched, counts
+
+
+CASES = [
+    (layout, world, n, causal, lookback, reduce_col)
+    for layout, world, n, causal, lookback, reduce_col in itertools.product(
+        LAYOUTS, [1, 2, 3, 4, 5], [2, 4, 6], [False, True], [None, 1, 2, 3, 5, 9, 100], [True, False])
+    if causal or lookback is None
+]
+
+
+@pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col", CASES)
+def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, lookback, reduce_col):
+    sched, counts = _visible_by_schedule(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col)
+    seq = world * n
+    for r in range(world):
+        p = local_positions(seq, layout, r, world)[:, None]
+        t = torch.arange(seq)[None, :]
+        want = torch.ones(n, seq, dtype=torch.bool)
+        if causal:
+            want &= t <= p
+        if lookback is not None:
+            want &= p - t < lookback
+        if not reduce_col:
+            want &= torch.isin(t, local_positions(seq, layout, r, world))
+        assert torch.equal(counts[r], want.long()), f"rank {r}: pairs computed != pairs visible (or computed twice)"
+    last = sched.steps[-1]
+    assert sched.n_steps == 1 or any(last), "a trailing step carries nothing visible"
+    for step in sched.steps:
+        for blocks in step:
+            assert all(b.area > 0 for b in blocks), "a fully masked block is scheduled"
+
+
+@pytest.mark.parametrize("layout", ["zigzag", "striped"])
+def test_causal_work_is_balanced(layout):
+    world, n = 4, 16
+    sched = plan(layout, world, n, causal=True)
+    work = [sum(b.area for step in sched.steps for b in step[r]) for r in range(world)]
+    assert max(work) - min(work) <= n * world, work  # striped: strict blocks lose one diagonal
+    contiguous = plan("contiguous", world, n, causal=True)
+    c_work = [sum(b.area for step in contiguous.steps for b in step[r]) for r in range(world)]
+    assert max(c_work) > 3 * min(c_work)
+
+
+def test_lookback_skips_ring_passes():
+    assert plan("contiguous", 8, 16, causal=True, lookback=16).n_steps == 2
+    assert plan("contiguous", 8, 16, causal=True, lookback=17).n_steps == 2
+    assert plan("contiguous", 8, 16, causal=True, lookback=18).n_steps == 3
+    assert plan("striped", 8, 16, causal=True, lookback=3).n_steps == 3
+    assert plan("contiguous", 8, 16, causal=True).n_steps == 8
+    assert plan("contiguous", 8, 16, reduce_col=False).n_steps == 1
+
+
+def test_striped_uses_strictly_causal_blocks():
+    sched = plan("striped", 4, 8, causal=True)
+    assert sched.steps[1][0][0].band.kind == "strict"
+    assert sched.steps[1][1][0].band.kind == "causal"
