@@ -1,7 +1,15 @@
-import pytest
+import os
+
 import torch
 
-from tests.dist_pool import DistPool
+# Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before
+# triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from tests.dist_pool import DistPool  # noqa: E402
 
 torch.set_num_threads(2)
 

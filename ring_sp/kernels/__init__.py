@@ -1,9 +1,21 @@
 """One block of attention, no distribution: the backends and the registry that picks one."""
 
+import importlib.util
+
 from ring_sp.kernels.registry import Backend, choose, get, names, register
 from ring_sp.kernels.state import State, state_dtype
 from ring_sp.kernels.torch_backend import TorchBackend
 
 register("torch", TorchBackend, priority=0)
+
+
+def _triton(bucket_size):
+    from ring_sp.kernels.triton_backend import TritonBackend
+
+    return TritonBackend(bucket_size)
+
+
+if importlib.util.find_spec("triton") is not None:
+    register("triton", _triton, priority=10)
 
 __all__ = ["Backend", "State", "TorchBackend", "choose", "get", "names", "register", "state_dtype"]

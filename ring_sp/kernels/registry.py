@@ -28,6 +28,7 @@ log = logging.getLogger("ring_sp")
 
 class Backend(Protocol):
     name: str
+    auto_devices: tuple[str, ...] | None  # device types "auto" may use it on (None: any)
 
     def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
         """Why this backend cannot compute such a block, or None if it can."""
@@ -88,6 +89,9 @@ def choose(name: str, q: Tensor, k: Tensor, band: Band, has_mask: bool, bucket_s
     reasons = []
     for candidate in candidates:
         backend = get(candidate, bucket_size)
+        devices = getattr(backend, "auto_devices", None)
+        if name == "auto" and devices is not None and q.device.type not in devices:
+            continue
         reason = backend.unsupported(q, k, band, has_mask)
         if reason is None:
             if name == "auto":

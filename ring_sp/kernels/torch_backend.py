@@ -40,6 +40,7 @@ def _visible(band: Band, q0: int, tq: int, k0: int, tk: int, device: torch.devic
 
 class TorchBackend:
     name = "torch"
+    auto_devices = None
 
     def __init__(self, bucket_size: int | None = None):
         self.bucket = bucket_size or DEFAULT_BUCKET

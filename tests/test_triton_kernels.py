@@ -1,0 +1,74 @@
+"""Triton kernels against the float64 reference: on the GPU when there is one, else in Triton's
+CPU interpreter (TRITON_INTERPRET=1, set by conftest). The interpreter's bf16 dot products are
+unreliable (FACTS.md), so on CPU the kernels are checked in fp16 and fp32; bf16 runs on the GPU
+(tests/test_gpu.py)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+from tests.block_check import BANDS, check_block  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float32: 1e-5, torch.float16: 2e-3}
+
+
+def _check(dtype, **kw):
+    errors = check_block("triton", dtype=dtype, device=DEVICE, **kw)
+    bad = {k: v for k, v in errors.items() if not v <= BOUND[dtype]}
+    assert not bad, f"{kw}: {bad}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("band", BANDS, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_every_band_kind(dtype, band, masked):
+    # Lengths that are not multiples of the tiles (16 in the interpreter); GQA with groups of 2.
+    _check(dtype, sq=40, sk=33, heads=4, kv_heads=2, head_dim=32, band=band, masked=masked)
+    _check(dtype, sq=7, sk=5, heads=2, kv_heads=2, head_dim=16, band=band, masked=masked)
+
+
+@pytest.mark.parametrize("head_dim", [16, 48, 64, 96, 128, 256])
+def test_head_dims(head_dim):
+    _check(torch.float16, sq=20, sk=18, heads=2, kv_heads=1, head_dim=head_dim, band=BANDS[1], masked=True)
+
+
+def test_megatron_strides_without_copies():
+    """q, k, v as (seq, batch, heads, dim) tensors seen through .transpose(0, 1)."""
+    from ring_sp import kernels
+    from ring_sp.kernels import State
+
+    g = torch.Generator().manual_seed(0)
+    q_sbhd = torch.randn(24, 2, 4, 32, generator=g).to(DEVICE, torch.float16)
+    k_sbhd = torch.randn(24, 2, 2, 32, generator=g).to(DEVICE, torch.float16)
+    v_sbhd = torch.randn(24, 2, 2, 32, generator=g).to(DEVICE, torch.float16)
+    q, k, v = (t.transpose(0, 1) for t in (q_sbhd, k_sbhd, v_sbhd))
+    assert not q.is_contiguous()
+    outs = []
+    for name, args in (("triton", (q, k, v)), ("torch", (q.contiguous(), k.contiguous(), v.contiguous()))):
+        state = State.empty(q)
+        kernels.get(name).forward(*args, state, BANDS[1], None, 32 ** -0.5)
+        outs.append(state.output())
+    assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 2e-3
+
+
+def test_simulated_ring_on_triton():
+    """The whole ring (forward and backward) with every block on the Triton backend."""
+    from ring_sp import ring_attention_simulated, split
+    from tests.reference import make_inputs, reference_grads, rel_err
+
+    for layout in ("zigzag", "striped"):
+        q, k, v, mask, do = make_inputs(1, 48, 4, 2, 16, torch.float16, masked=True, seed=1, device=DEVICE)
+        ref = reference_grads(q, k, v, do, causal=True, mask=mask, lookback=20)
+        qs, ks, vs = ([t.clone().requires_grad_() for t in split(x, layout, 3)] for x in (q, k, v))
+        outs = ring_attention_simulated(qs, ks, vs, masks=split(mask, layout, 3), causal=True, layout=layout,
+                                        max_lookback_seq_len=20, backend="triton")
+        torch.autograd.backward(outs, split(do, layout, 3))
+        from ring_sp import merge
+
+        got = [merge(outs, layout)] + [merge([t.grad for t in ts], layout) for ts in (qs, ks, vs)]
+        for name, g_, r in zip(("out", "dq", "dk", "dv"), got, ref):
+            assert rel_err(g_, r) < 3e-3, (layout, name, rel_err(g_, r))
