@@ -1,0 +1,233 @@
+"""Ring groups inside the tensor / pipeline / data topology, shared by DeepSpeed and Megatron-core.
+
+Ranks are laid out on a grid with axes ``pipe × data × ring × model`` (DeepSpeed's
+``ProcessTopology``, last axis fastest):
+
+    rank = model + ring·TP + data·TP·RING + pipe·TP·RING·DP
+
+which is Megatron-core's default order ``tp-cp-ep-dp-pp`` (first axis fastest) with the ring as
+its context-parallel axis. So the groups ``parallel_state.initialize_model_parallel`` builds are
+exactly this grid's: one set of process groups serves Megatron (tensor parallelism, the
+context-parallel group the ring attention runs over) and DeepSpeed (ZeRO over data × ring).
+
+Placement. Tensor-parallel ranks are consecutive and the ring comes next, so a ring is
+``RING`` ranks at stride ``TP`` inside a block of ``TP·RING`` consecutive ranks. Launchers number
+ranks node by node (``deepspeed --hostfile``, ``torchrun --nnodes``), hence a ring stays inside
+one node whenever ``TP·RING`` divides the GPUs per node; the traffic that crosses nodes is then
+ZeRO's gradient reduction over data (and pipeline sends). Example, 2 nodes × 8 GPUs, TP 2,
+ring 4, data 2: rings are {0,2,4,6}, {1,3,5,7} on node 0 and {8,10,12,14}, {9,11,13,15} on
+node 1; data groups {0,8}, {1,9}, …
+
+:class:`RingMPU` is the ``mpu`` object ``deepspeed.initialize(..., mpu=...)`` takes: data,
+model (tensor × pipeline), tensor, pipeline, sequence (the ring) and sequence × data getters.
+With it DeepSpeed reduces gradients over data × ring and divides by the data size only, so each
+rank's loss must be its share of its ring's loss: (sum over its tokens) / (tokens of the whole
+ring sequence). :func:`ring_loss` does that.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from itertools import product
+
+import torch
+import torch.distributed as dist
+from deepspeed.runtime.pipe.topology import ProcessTopology
+
+AXES = ("pipe", "data", "ring", "model")
+# Megatron-core's RankGenerator token for each of our axes.
+MEGATRON_TOKEN = {"pipe": "pp", "data": "dp", "ring": "cp", "model": "tp"}
+
+
+class RingTopology(ProcessTopology):
+    """DeepSpeed's ``ProcessTopology`` with axes pipe × data × ring × model (model fastest).
+
+    ``data`` is whatever is left: world_size // (tensor · pipeline · ring).
+    """
+
+    def __init__(self, world_size: int, *, tensor: int = 1, pipeline: int = 1, ring: int = 1):
+        for name, size in (("world_size", world_size), ("tensor", tensor), ("pipeline", pipeline), ("ring", ring)):
+            if not isinstance(size, int) or size < 1:
+                raise ValueError(f"{name}={size!r} must be a positive integer")
+        model = tensor * pipeline * ring
+        if world_size % model:
+            raise ValueError(
+                f"tensor ({tensor}) × pipeline ({pipeline}) × ring ({ring}) = {model} does not divide the "
+                f"world of {world_size} ranks: choose sizes whose product divides {world_size}"
+            )
+        self.tensor, self.pipeline, self.ring, self.data = tensor, pipeline, ring, world_size // model
+        self.world_size = world_size
+        super().__init__(axes=list(AXES), dims=[pipeline, self.data, ring, tensor])
+
+    def groups(self, *axes: str) -> list[list[int]]:
+        """Rank lists that vary along ``axes`` together (all other coordinates fixed), sorted.
+
+        ``groups("ring")`` are the rings; ``groups("data", "ring")`` the ZeRO groups.
+        """
+        for a in axes:
+            if a not in AXES:
+                raise ValueError(f"axis {a!r} is unknown: use {', '.join(AXES)}")
+        others = [a for a in AXES if a not in axes]
+        out = []
+        for fixed in product(*(range(self.get_dim(a)) for a in others)):
+            match = dict(zip(others, fixed))
+            out.append(sorted(self.filter_match(**match)))
+        return sorted(out)
+
+    def group_of(self, rank: int, *axes: str) -> list[int]:
+        """The ranks of ``rank``'s group along ``axes``."""
+        return next(g for g in self.groups(*axes) if rank in g)
+
+    def ring_nodes(self, gpus_per_node: int) -> list[list[int]]:
+        """For each ring, the node indices its ranks live on (ranks numbered node by node)."""
+        return [sorted({r // gpus_per_node for r in ring}) for ring in self.groups("ring")]
+
+    def __str__(self) -> str:
+        return (f"RingTopology(world_size={self.world_size}, pipe={self.pipeline}, data={self.data}, "
+                f"ring={self.ring}, model={self.tensor})")
+
+
+def megatron_groups(world_size: int, *, tensor: int = 1, pipeline: int = 1, ring: int = 1,
+                    axes: tuple[str, ...] = ("ring",)) -> list[list[int]]:
+    """The rank lists Megatron-core's ``initialize_model_parallel`` builds for ``axes``, sorted.
+
+    Computed by Megatron's own ``RankGenerator`` (default order ``tp-cp-ep-dp-pp``), without
+    creating any process group: lets the placement be checked for any world size.
+    """
+    from megatron.core.parallel_state import RankGenerator
+
+    data = world_size // (tensor * pipeline * ring)
+    gen = RankGenerator(tp=tensor, ep=1, dp=data, pp=pipeline, cp=ring, order="tp-cp-ep-dp-pp")
+    token = "-".join(MEGATRON_TOKEN[a] for a in axes)
+    return sorted(sorted(g) for g in gen.get_ranks(token))
+
+
+def _ranks(group) -> list[int]:
+    return dist.get_process_group_ranks(group)
+
+
+class RingMPU:
+    """The ``mpu`` DeepSpeed asks about parallel groups; answers from Megatron-core's ``parallel_state``.
+
+    ``model`` = tensor × pipeline (what DeepSpeed sums gradient norms over and names checkpoint
+    files by), ``sequence`` = the ring (Megatron's context-parallel group), ``sequence_data`` =
+    data × ring (ZeRO's reduction and partition group).
+    """
+
+    def __init__(self, topology: RingTopology):
+        from megatron.core import parallel_state as ps
+
+        self.topology = topology
+        self._ps = ps
+
+    # data: replicas holding different samples
+    def get_data_parallel_group(self):
+        return self._ps.get_data_parallel_group()
+
+    def get_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size()
+
+    def get_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank()
+
+    def get_data_parallel_group_ranks(self) -> list[int]:
+        return _ranks(self.get_data_parallel_group())
+
+    # model: tensor × pipeline
+    def get_model_parallel_group(self):
+        return self._ps.get_model_parallel_group()
+
+    def get_model_parallel_world_size(self) -> int:
+        return dist.get_world_size(self.get_model_parallel_group())
+
+    def get_model_parallel_rank(self) -> int:
+        return dist.get_rank(self.get_model_parallel_group())
+
+    # tensor
+    def get_tensor_model_parallel_group(self):
+        return self._ps.get_tensor_model_parallel_group()
+
+    def get_tensor_model_parallel_world_size(self) -> int:
+        return self._ps.get_tensor_model_parallel_world_size()
+
+    def get_tensor_model_parallel_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_rank()
+
+    def get_tensor_model_parallel_src_rank(self) -> int:
+        return self._ps.get_tensor_model_parallel_src_rank()
+
+    # pipeline
+    def get_pipeline_model_parallel_group(self):
+        return self._ps.get_pipeline_model_parallel_group()
+
+    def get_pipeline_model_parallel_world_size(self) -> int:
+        return self._ps.get_pipeline_model_parallel_world_size()
+
+    def get_pipeline_model_parallel_rank(self) -> int:
+        return self._ps.get_pipeline_model_parallel_rank()
+
+    # sequence: the ring
+    def get_sequence_parallel_group(self):
+        return self._ps.get_context_parallel_group()
+
+    def get_sequence_parallel_world_size(self) -> int:
+        return self._ps.get_context_parallel_world_size()
+
+    def get_sequence_parallel_rank(self) -> int:
+        return self._ps.get_context_parallel_rank()
+
+    # sequence × data: ZeRO's group
+    def get_sequence_data_parallel_group(self):
+        return self._ps.get_data_parallel_group(with_context_parallel=True)
+
+    def get_sequence_data_parallel_world_size(self) -> int:
+        return self._ps.get_data_parallel_world_size(with_context_parallel=True)
+
+    def get_sequence_data_parallel_rank(self) -> int:
+        return self._ps.get_data_parallel_rank(with_context_parallel=True)
+
+
+def initialize(*, tensor: int = 1, pipeline: int = 1, ring: int = 1,
+               timeout: timedelta | None = None) -> RingMPU:
+    """Build Megatron-core's groups for (tensor, pipeline, ring) and return the matching ``RingMPU``.
+
+    Needs ``torch.distributed`` initialised. Checks, on this rank, that every group Megatron
+    built is the one :class:`RingTopology` places it in (so DeepSpeed and Megatron agree).
+    """
+    from megatron.core import parallel_state as ps
+
+    if not dist.is_initialized():
+        raise ValueError("torch.distributed is not initialized: call deepspeed.init_distributed() first")
+    topo = RingTopology(dist.get_world_size(), tensor=tensor, pipeline=pipeline, ring=ring)
+    kwargs = {} if timeout is None else {"distributed_timeout_minutes": timeout.total_seconds() / 60}
+    ps.initialize_model_parallel(tensor_model_parallel_size=tensor, pipeline_model_parallel_size=pipeline,
+                                 context_parallel_size=ring, create_gloo_process_groups=False, **kwargs)
+    mpu = RingMPU(topo)
+    rank = dist.get_rank()
+    built = {
+        ("model",): mpu.get_tensor_model_parallel_group(),
+        ("ring",): mpu.get_sequence_parallel_group(),
+        ("data",): mpu.get_data_parallel_group(),
+        ("data", "ring"): mpu.get_sequence_data_parallel_group(),
+        ("pipe",): mpu.get_pipeline_model_parallel_group(),
+        ("pipe", "model"): mpu.get_model_parallel_group(),
+    }
+    for axes, group in built.items():
+        if sorted(_ranks(group)) != topo.group_of(rank, *axes):
+            raise RuntimeError(f"Megatron-core's {'×'.join(axes)} group {_ranks(group)} for rank {rank} is not "
+                               f"{topo.group_of(rank, *axes)} as {topo} places it: the rank order changed")
+    return mpu
+
+
+def ring_loss(token_losses: torch.Tensor, loss_mask: torch.Tensor, ring_group=None) -> torch.Tensor:
+    """This rank's share of its ring's mean loss: sum(local losses · mask) / (mask summed over the ring).
+
+    token_losses, loss_mask: (batch, local_seq). Summed over the ring (as DeepSpeed's gradient
+    reduction over sequence × data does) the shares give the mean over the whole sequence. The
+    token count is all-reduced without gradient.
+    """
+    mask = loss_mask.to(token_losses.dtype)
+    count = mask.sum().detach().clone()
+    if ring_group is not None and dist.get_world_size(ring_group) > 1:
+        dist.all_reduce(count, group=ring_group)
+    return (token_losses * mask).sum() / count.clamp(min=1)

@@ -1,0 +1,91 @@
+"""Jobs for the gloo worker pool that build Megatron-core's groups and a DeepSpeed engine."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def mpu_answers(tensor: int, pipeline: int, ring: int) -> dict:
+    """Build the groups with ring_sp.topology.initialize and report what the mpu says on this rank."""
+    from megatron.core import parallel_state as ps
+
+    from ring_sp import topology
+
+    try:
+        mpu = topology.initialize(tensor=tensor, pipeline=pipeline, ring=ring)
+        ranks = dist.get_process_group_ranks
+        return {
+            "ring": sorted(ranks(mpu.get_sequence_parallel_group())),
+            "data": sorted(ranks(mpu.get_data_parallel_group())),
+            "data_ring": sorted(ranks(mpu.get_sequence_data_parallel_group())),
+            "tensor": sorted(ranks(mpu.get_tensor_model_parallel_group())),
+            "model": sorted(ranks(mpu.get_model_parallel_group())),
+            "sizes": (mpu.get_data_parallel_world_size(), mpu.get_sequence_parallel_world_size(),
+                      mpu.get_sequence_data_parallel_world_size(), mpu.get_model_parallel_world_size(),
+                      mpu.get_tensor_model_parallel_world_size(), mpu.get_pipeline_model_parallel_world_size()),
+            "ranks": (mpu.get_data_parallel_rank(), mpu.get_sequence_parallel_rank(),
+                      mpu.get_sequence_data_parallel_rank(), mpu.get_tensor_model_parallel_rank()),
+        }
+    finally:
+        ps.destroy_model_parallel()
+
+
+def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
+    """One SGD step (lr 1) of a linear model under DeepSpeed ZeRO with the ring mpu.
+
+    Each data replica holds its own sequence of 8 tokens, sharded over its ring; the loss is the
+    mean over the replica's tokens of a per-token loss (ring_loss), so the update must equal the
+    gradient of the mean over replicas of the full-sequence mean: computed here in float64 in one
+    process; with gradient clipping at ``clip`` (0: off) the reference is scaled to that norm.
+    Returns the largest difference from the reference and the reference's largest entry.
+    """
+    import deepspeed
+    from megatron.core import parallel_state as ps
+
+    from ring_sp import split, topology
+
+    rank = str(dist.get_rank())  # what a launcher would have set
+    os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
+    deepspeed.init_distributed(dist_backend="gloo")
+    mpu = topology.initialize(ring=ring)
+    try:
+        data, pos = mpu.get_data_parallel_world_size(), mpu.get_sequence_parallel_rank()
+        g = torch.Generator().manual_seed(0)
+        model = torch.nn.Linear(3, 2, bias=True)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        seqs = torch.randn(data, 1, 8, 3, generator=g)  # (replica, batch, seq, features)
+        mask = (torch.rand(data, 1, 8, generator=g) > 0.3).float()
+        ref = _reference_update(model, seqs, mask)
+        if clip:
+            ref *= min(1.0, clip / ref.norm().item())
+        start = [p.detach().clone() for p in model.parameters()]
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
+               "gradient_clipping": clip}
+        engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                                          config=cfg, mpu=mpu)
+        replica = mpu.get_data_parallel_rank()
+        x = split(seqs[replica], "zigzag", ring)[pos]
+        m = split(mask[replica], "zigzag", ring)[pos]
+        token_losses = engine(x).pow(2).sum(-1)  # (batch, local_seq)
+        loss = topology.ring_loss(token_losses, m, mpu.get_sequence_parallel_group())
+        engine.backward(loss)
+        engine.step()
+        update = torch.cat([(s - p.detach()).flatten() for s, p in zip(start, model.parameters())])
+        return [(update.double() - ref).abs().max().item(), ref.abs().max().item()]
+    finally:
+        ps.destroy_model_parallel()
+
+
+def _reference_update(model: torch.nn.Module, seqs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    params = [p.detach().double().clone().requires_grad_() for p in model.parameters()]
+    w, b = params
+    per_token = (seqs.double() @ w.T + b).pow(2).sum(-1)  # (replica, batch, seq)
+    per_replica = (per_token * mask).sum((1, 2)) / mask.sum((1, 2))
+    per_replica.mean().backward()
+    return torch.cat([p.grad.flatten() for p in params])
