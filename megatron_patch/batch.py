@@ -1,0 +1,55 @@
+"""Sharding a batch over the context-parallel ring: Megatron's ``get_batch_on_this_cp_rank`` for every layout."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from ring_sp import local_positions
+from ring_sp.layout import check_seq_len
+
+# Per-batch metadata that Megatron-LM keeps whole (as its own split does).
+METADATA_KEYS = ("cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
+
+
+def _group_size_rank(cp_group) -> tuple[int, int]:
+    if cp_group is None:
+        if not (dist.is_available() and dist.is_initialized()):
+            return 1, 0
+        cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+        if cp_group is None:
+            return 1, 0
+    return dist.get_world_size(cp_group), dist.get_rank(cp_group)
+
+
+def shard_batch(batch: dict, layout: str, cp_group=None) -> dict:
+    """This rank's share of ``batch`` under ``layout`` (a new dict; the input is not changed).
+
+    Tensors are sharded along dim 1 (tokens, labels, loss_mask, position_ids: [batch, seq]),
+    ``attention_mask`` along dim 2 (its query rows: [batch, 1, seq, seq]); None values,
+    non-tensors and ``METADATA_KEYS`` pass through. ``cp_group``: the ring (default: Megatron's context-parallel group).
+    For ``zigzag`` this is exactly Megatron's ``get_batch_on_this_cp_rank``. Raises ValueError if a
+    sequence length does not split as the layout needs, before anything is sliced.
+    """
+    size, rank = _group_size_rank(cp_group)
+    if batch.get("cu_seqlens") is not None:
+        raise ValueError("the batch holds cu_seqlens (packed sequences, THD format), which ring attention does not "
+                         "support: feed padded [batch, seq] samples")
+    dims = {key: (2 if key == "attention_mask" else 1) for key, val in batch.items()
+            if isinstance(val, Tensor) and key not in METADATA_KEYS}
+    for key, dim in dims.items():
+        val = batch[key]
+        if val.dim() <= dim:
+            raise ValueError(f"batch[{key!r}] has shape {tuple(val.shape)}: expected a sequence dimension at dim {dim}")
+        try:
+            check_seq_len(layout, val.shape[dim], size)
+        except ValueError as error:
+            raise ValueError(f"batch[{key!r}] (shape {tuple(val.shape)}): {error}; pad or cut the sequences") from None
+    if size == 1:
+        return dict(batch)
+    out = dict(batch)
+    for key, dim in dims.items():
+        val = batch[key]
+        out[key] = val.index_select(dim, local_positions(val.shape[dim], layout, rank, size).to(val.device))
+    return out

@@ -1,0 +1,183 @@
+"""The core attention that Megatron-core's ``SelfAttention`` builds from a layer spec: ring attention
+over the context-parallel group.
+
+Megatron hands it q ``[sq, b, heads_per_tp, d]`` and k/v ``[sk, b, groups_per_tp, d]`` (RoPE already
+applied, GQA not expanded) for this rank's share of the sequence, and expects
+``[sq, b, heads_per_tp * d]`` back. K/V travel the ring with their own head count.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from torch import Tensor
+
+from megatron_patch import defaults
+from megatron_patch.options import RingOptions, lookback_from_window
+from ring_sp import local_positions, ring_attention
+
+_CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
+_FULL = (AttnMaskType.no_mask, AttnMaskType.padding)
+
+
+def context_parallel_group(pg_collection=None, model_comm_pgs=None):
+    """Megatron's context-parallel group: ``pg_collection.cp`` (0.15+), ``model_comm_pgs.cp`` (0.13–0.14),
+    else ``parallel_state``'s; None when torch.distributed is not initialised (one process)."""
+    for holder in (pg_collection, model_comm_pgs):
+        group = getattr(holder, "cp", None)
+        if group is not None:
+            return group
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    group = parallel_state.get_context_parallel_group(check_initialized=False)
+    if group is None:
+        raise ValueError("the context-parallel group is unknown: call megatron.core.parallel_state."
+                         "initialize_model_parallel(...) first, or pass pg_collection")
+    return group
+
+
+def _window_applies(config, layer_number: int) -> bool:
+    try:
+        from megatron.core.transformer.utils import is_layer_window_attention
+    except ImportError:  # older megatron-core: every layer is a window layer
+        return bool(config.window_size)
+    return is_layer_window_attention(config.window_size, getattr(config, "window_attn_skip_freq", None),
+                                     layer_number)
+
+
+class RingCoreAttention(MegatronModule):
+    """Exact attention of this rank's queries over its context-parallel ring's whole sequence.
+
+    Built by ``SelfAttention`` with the keywords each megatron-core version passes (0.13–0.16);
+    ``options`` comes from the layer spec (``get_gpt_layer_ring_spec``) or, when None, from
+    ``megatron_patch.apply()``'s parsed ``--ring-*`` flags or the defaults.
+    """
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str = "self",
+                 attention_dropout: float | None = None, softmax_scale: float | None = None,
+                 cp_comm_type: str | None = None, pg_collection=None, model_comm_pgs=None,
+                 options: RingOptions | None = None):
+        super().__init__(config=config)
+        self.options = options if options is not None else defaults.current_options()
+        self.options.check()
+        if options is None and self.options.layout != "zigzag" and not defaults.applied():
+            raise ValueError(f"--ring-layout {self.options.layout} needs megatron_patch.apply() before the model and "
+                             "data are set up, so that the data split and RoPE follow the layout (run "
+                             "`python -m megatron_patch pretrain_gpt.py ...`), or use --ring-layout zigzag")
+        self.layer_number = layer_number
+        self.attn_mask_type = attn_mask_type
+        self.softmax_scale = softmax_scale
+        self.cp_comm_type = cp_comm_type  # Transformer Engine's context-parallel transport; unused here
+        if attention_type != "self":
+            raise ValueError(f"attention_type={attention_type!r}: ring attention is self-attention only")
+        dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        if dropout:
+            raise ValueError(f"attention dropout {dropout}: ring attention has none; set "
+                             "TransformerConfig(attention_dropout=0.0) (Megatron-LM: --attention-dropout 0)")
+        if getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError(f"softmax_type={config.softmax_type!r}: ring attention computes the vanilla softmax only")
+        if getattr(config, "qk_clip", False) or getattr(config, "log_max_attention_logit", False):
+            raise ValueError("qk_clip / log_max_attention_logit need per-head max logits, which ring attention "
+                             "does not report: turn them off")
+        self.group = context_parallel_group(pg_collection, model_comm_pgs)
+        self.ring_size = 1 if self.group is None else dist.get_world_size(self.group)
+        configured = getattr(config, "context_parallel_size", 1)
+        if configured != self.ring_size:
+            raise ValueError(f"config.context_parallel_size={configured} but the context-parallel group has "
+                             f"{self.ring_size} ranks: with ring attention they must match (the ring is that group)")
+        self.options.check_ring_size(self.ring_size)
+        self.ring_rank = 0 if self.group is None else dist.get_rank(self.group)
+        self.lookback = self._lookback(config, layer_number)
+        if self.lookback is not None and attn_mask_type not in _CAUSAL + (AttnMaskType.arbitrary,):
+            raise ValueError(f"a sliding window needs causal attention, got attn_mask_type={attn_mask_type}")
+
+    def _lookback(self, config, layer_number: int) -> int | None:
+        window = lookback_from_window(config.window_size) if _window_applies(config, layer_number) else None
+        wanted = self.options.max_lookback
+        if window is not None and wanted is not None and window != wanted:
+            raise ValueError(f"config.window_size={tuple(config.window_size)} (a lookback of {window}) and "
+                             f"RingOptions.max_lookback={wanted} disagree: set one of them")
+        return wanted if wanted is not None else window
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+                attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
+                packed_seq_params=None) -> Tensor:
+        """query [sq, b, heads, d], key/value [sq, b, groups, d] → [sq, b, heads * d]."""
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences (packed_seq_params, THD format) are not supported by ring attention: "
+                             "feed padded [batch, seq] samples")
+        if attention_bias is not None:
+            raise ValueError("attention_bias is not supported by ring attention")
+        if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0]:
+            raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must be [seq, batch, heads, "
+                             "head_dim] of one length (a KV cache for inference is not supported)")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        causal = self._causal(mask_type, attention_mask, query.shape[0], query.device)
+        out = ring_attention(
+            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+            causal=causal, layout=self.options.layout, ring_reduce_col=self.options.reduce_col,
+            bucket_size=self.options.bucket_size, max_lookback_seq_len=self.lookback,
+            softmax_scale=self.softmax_scale, group=self.group, backend=self.options.backend,
+        )
+        sq, b, h, d = query.shape
+        return out.transpose(0, 1).reshape(sq, b, h * d)
+
+    def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
+        """Whether to attend causally; a given ``mask`` must say exactly what the ring will do."""
+        if mask_type in _CAUSAL:
+            candidates = (True,)
+        elif mask_type in _FULL:
+            candidates = (False,)
+        else:  # arbitrary: the mask decides, if it is one of the two patterns the ring computes
+            candidates = (True, False)
+        if mask is None:
+            if len(candidates) > 1:
+                raise ValueError("attn_mask_type=arbitrary needs an attention_mask")
+            return candidates[0]
+        why = self._mask_problem(mask, local_seq)
+        matching = []
+        if why is None:
+            matching = [c for c in candidates if self._pattern_matches(mask, local_seq, c, device)]
+            if not matching:
+                why = ("it is not the plain causal mask (document masking from --reset-attention-mask, padding, ...)"
+                       if candidates == (True,) else f"it matches no mask the ring computes for {mask_type}")
+        self._agree(why is None, device)  # every rank raises together, or none does
+        if why is not None:
+            shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"attention_mask {shape} cannot be honoured by ring attention: {why}. "
+                             "Ring attention applies causal (and sliding-window) masking itself: pass "
+                             "attention_mask=None (Megatron-LM: --no-create-attention-mask-in-dataloader)")
+        return matching[0]
+
+    def _mask_problem(self, mask: Tensor, local_seq: int) -> str | None:
+        full = local_seq * self.ring_size
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.dim() != 4:
+            return "it must be a bool tensor [batch, 1, local_seq, seq] (True = masked out)"
+        if mask.shape[1] != 1 or mask.shape[2] != local_seq or mask.shape[3] != full:
+            return (f"expected [batch, 1, {local_seq}, {full}]: this rank's query rows (sharded like the data) "
+                    "against every key of the sequence in natural order")
+        return None
+
+    def _pattern_matches(self, mask: Tensor, local_seq: int, causal: bool, device) -> bool:
+        full = local_seq * self.ring_size
+        rows = local_positions(full, self.options.layout, self.ring_rank, self.ring_size).to(device)
+        keys = torch.arange(full, device=device)
+        visible = torch.ones(local_seq, full, dtype=torch.bool, device=device)
+        if causal:
+            visible &= keys[None, :] <= rows[:, None]
+            if self.lookback is not None:
+                visible &= rows[:, None] - keys[None, :] < self.lookback
+        return bool((mask == ~visible).all())
+
+    def _agree(self, ok: bool, device) -> None:
+        if self.group is None or self.ring_size == 1:
+            return
+        on_gpu = dist.get_backend(self.group) == "nccl"
+        flag = torch.tensor([int(ok)], device=device if on_gpu else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
+        if not flag.item() and ok:
+            raise ValueError("another rank of the context-parallel group got an attention_mask that ring attention "
+                             "cannot honour (its error says why): pass attention_mask=None")
