@@ -1,0 +1,334 @@
+"""Jobs for the gloo pool: Megatron-core GPT models with ring attention against the same model
+without ring attention, on one rank, over the whole sequence.
+
+Every job initialises megatron's ``parallel_state`` itself and destroys it in a ``finally``.
+The reference model is Megatron's GPTModel with the local layer spec and ``DenseCoreAttention``
+below (plain softmax attention, GQA by ``repeat_interleave``, Megatron's causal / window rule),
+because Megatron's own ``DotProductAttention`` needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from contextlib import contextmanager
+
+import megatron.core.utils as megatron_utils
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel, gpt_layer_specs, gpt_model
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+
+from megatron_patch import (
+    LayoutRotaryEmbedding,
+    RingOptions,
+    add_ring_attention_args,
+    megatron_lm,
+    ring_gpt_model,
+    shard_batch,
+)
+
+VOCAB = 64
+
+
+class DenseCoreAttention(MegatronModule):
+    """The non-ring reference: softmax attention over the whole (unsharded) sequence."""
+
+    def __init__(self, config, layer_number, attn_mask_type, attention_type="self", attention_dropout=None,
+                 softmax_scale=None, cp_comm_type=None, pg_collection=None, model_comm_pgs=None):
+        super().__init__(config=config)
+        self.attn_mask_type = attn_mask_type
+        self.scale = softmax_scale
+        self.window = (config.window_size if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, layer_number) else None)
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        sq, b, h, d = query.shape
+        group = h // key.shape[2]
+        k = key.repeat_interleave(group, dim=2)
+        v = value.repeat_interleave(group, dim=2)
+        scale = self.scale if self.scale is not None else 1 / math.sqrt(d)
+        scores = torch.einsum("ibhd,jbhd->bhij", query, k) * scale
+        i = torch.arange(sq)[:, None]
+        j = torch.arange(key.shape[0])[None, :]
+        masked = j > i  # causal
+        if self.window is not None:
+            masked |= (j < i - self.window[0]) | (j > i + self.window[1])
+        masked = masked[None, None]
+        if attention_mask is not None:
+            masked = masked | attention_mask
+        probs = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1)
+        out = torch.einsum("bhij,jbhd->ibhd", probs, v)
+        return out.reshape(sq, b, h * d)
+
+
+@contextmanager
+def megatron_parallel(tp: int, cp: int):
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
+    try:
+        yield
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def make_config(tp: int, cp: int, *, heads: int = 4, groups: int | None = None, window=None,
+                hidden: int = 32, layers: int = 2, dropout: float = 0.0, std: float = 0.02) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
+        ffn_hidden_size=2 * hidden, tensor_model_parallel_size=tp, context_parallel_size=cp,
+        use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, attention_dropout=dropout,
+        hidden_dropout=0.0, window_size=window, params_dtype=torch.float32, init_method_std=std,
+    )
+
+
+def reference_model(config: TransformerConfig, seq: int, position: str) -> GPTModel:
+    spec = get_gpt_layer_local_spec()
+    spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
+    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq, position_embedding_type=position)
+    if position == "rope":  # Megatron's RotaryEmbedding moves its table to CUDA; this one (cp = 1) does not
+        LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "zigzag")
+    return model
+
+
+def make_batches(steps: int, replicas: int, micro: int, seq: int, seed: int) -> list[dict]:
+    """One batch per step for all data-parallel replicas: [replicas * micro, seq] tensors.
+
+    The same batch every step (a model memorising it has a loss curve that moves)."""
+    g = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(1):
+        n = replicas * micro
+        tokens = torch.randint(0, VOCAB, (n, seq), generator=g)
+        batches.append({
+            "tokens": tokens,
+            "labels": torch.randint(0, VOCAB, (n, seq), generator=g),
+            "loss_mask": (torch.rand(n, seq, generator=g) < 0.8).float(),
+            "position_ids": torch.arange(seq).expand(n, seq).contiguous(),
+        })
+    return batches * steps
+
+
+def _causal_mask(n: int, seq: int) -> torch.Tensor:
+    """Megatron's dataloader mask: [n, 1, seq, seq] bool, True = masked out."""
+    return torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1).expand(n, 1, seq, seq).contiguous()
+
+
+def _masked_sum(model, batch):
+    """Σ loss · loss_mask over this rank's tokens, and the number of tokens counted."""
+    losses = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
+
+
+def run_reference(case: dict, replicas: int) -> dict:
+    """Single-rank model over whole sequences: loss per step (mean over replicas of each replica's
+    token-mean loss, as Megatron's data-parallel averaging does) and the first step's gradients."""
+    torch.manual_seed(case.get("seed", 0))
+    window = case.get("window") or ((case["lookback"] - 1, 0) if case.get("lookback") else None)
+    config = make_config(1, 1, heads=case["heads"], groups=case.get("groups"), window=window, std=case.get("std", 0.02))
+    model = reference_model(config, case["seq"], case["position"])
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=case.get("lr", 1e-2))
+    micro = case["micro"]
+    losses, grads = [], None
+    for batch in make_batches(case.get("steps", 1), replicas, micro, case["seq"], case.get("data_seed", 1)):
+        optimizer.zero_grad()
+        total = 0.0
+        for d in range(replicas):
+            part = {k: v[d * micro:(d + 1) * micro] for k, v in batch.items()}
+            if case.get("mask", False):
+                part["attention_mask"] = _causal_mask(micro, case["seq"])
+            s, n = _masked_sum(model, part)
+            total = total + s / n / replicas
+        total.backward()
+        losses.append(total.item())
+        if grads is None:
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+        optimizer.step()
+    return {"state": state, "losses": losses, "grads": grads}
+
+
+def _load_sharded(model, state: dict) -> None:
+    """Copy full (tensor-parallel 1) weights into a tensor-parallel model: each rank takes its slice."""
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            full = state[name]
+            if getattr(p, "tensor_model_parallel", False) and tp > 1:
+                full = full.chunk(tp, dim=p.partition_dim)[tp_rank]
+            assert full.shape == p.shape, (name, full.shape, p.shape)
+            p.copy_(full)
+
+
+def _reference_slice(p, full):
+    tp, tp_rank = parallel_state.get_tensor_model_parallel_world_size(), parallel_state.get_tensor_model_parallel_rank()
+    if getattr(p, "tensor_model_parallel", False) and tp > 1:
+        return full.chunk(tp, dim=p.partition_dim)[tp_rank]
+    return full
+
+
+def _ring_model(case: dict, config: TransformerConfig, options: RingOptions):
+    if case.get("build") == "apply":  # as Megatron-LM's pretrain_gpt.py builds it after megatron_patch.apply()
+        spec = gpt_layer_specs.get_gpt_layer_local_spec()  # looked up on the module, as the script does
+        return gpt_model.GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=case["seq"],
+                                  position_embedding_type=case["position"])
+    model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=case["seq"], options=options,
+                           position_embedding_type=case["position"])
+    if case.get("rope_layout"):  # negative control: RoPE positions of another layout
+        model.rotary_pos_emb.layout = case["rope_layout"]
+    return model
+
+
+def _shard(case: dict, part: dict, cp_group) -> dict:
+    if case.get("build") == "apply":
+        return megatron_utils.get_batch_on_this_cp_rank(dict(part), cp_group=cp_group)
+    return shard_batch(part, case.get("data_layout", case["layout"]), cp_group)
+
+
+def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
+    """The ring model on this rank's shard; returns per-step loss errors and the first step's grad errors."""
+    options = RingOptions(layout=case["layout"], max_lookback=case.get("lookback"))
+    config = make_config(tp, cp, heads=case["heads"], groups=case.get("groups"), window=case.get("window"),
+                         std=case.get("std", 0.02))
+    model = _ring_model(case, config, options)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "RingCoreAttention" in kinds and "DenseCoreAttention" not in kinds, kinds
+    if case["position"] == "rope":
+        assert type(model.rotary_pos_emb).__name__ == "LayoutRotaryEmbedding"
+    _load_sharded(model, reference["state"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=case.get("lr", 1e-2))
+    cp_group = parallel_state.get_context_parallel_group()
+    dp_group = parallel_state.get_data_parallel_group()
+    dp_cp_group = parallel_state.get_data_parallel_group(with_context_parallel=True)
+    replicas, dp_rank = dist.get_world_size(dp_group), dist.get_rank(dp_group)
+    micro = case["micro"]
+    loss_errors, grad_errors = [], {}
+    batches = make_batches(case.get("steps", 1), replicas, micro, case["seq"], case.get("data_seed", 1))
+    for step, batch in enumerate(batches):
+        part = {k: v[dp_rank * micro:(dp_rank + 1) * micro] for k, v in batch.items()}
+        if case.get("mask", False):
+            part["attention_mask"] = _causal_mask(micro, case["seq"])
+        local = _shard(case, part, cp_group)
+        optimizer.zero_grad()
+        s, n = _masked_sum(model, local)
+        n_total = n.detach().clone()
+        dist.all_reduce(n_total, group=cp_group)
+        (s * cp / n_total).backward()  # Megatron's loss scaling: the DP×CP average below undoes the ×cp
+        for p in model.parameters():
+            dist.all_reduce(p.grad, group=dp_cp_group)
+            p.grad /= dist.get_world_size(dp_cp_group)
+        loss = s.detach().clone()
+        dist.all_reduce(loss, group=cp_group)
+        loss = loss / n_total / replicas
+        dist.all_reduce(loss, group=dp_group)
+        ref = reference["losses"][step]
+        loss_errors.append(abs(loss.item() - ref) / abs(ref))
+        if step == 0:
+            for name, p in model.named_parameters():
+                expected = _reference_slice(p, reference["grads"][name])
+                grad_errors[name] = ((p.grad - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+        optimizer.step()
+    return {"loss_errors": loss_errors, "grad_errors": grad_errors, "losses": reference["losses"]}
+
+
+def compare_with_reference(tp: int, cp: int, cases: list[dict]) -> list[dict]:
+    """For each case: the reference on every rank (tp = cp = 1), then the ring model with tp × cp."""
+    replicas = dist.get_world_size() // (tp * cp)
+    out = []
+    for case in cases:
+        with megatron_parallel(1, 1):
+            reference = run_reference(case, replicas)
+        with megatron_parallel(tp, cp):
+            out.append(run_ring(case, reference, tp, cp))
+    return out
+
+
+def apply_matches_reference(tp: int, cp: int, cases: list[dict], argv: list[str]) -> list[dict]:
+    """``compare_with_reference`` for a model and batch split made by Megatron-core's own functions
+    (looked up on their modules, as Megatron-LM's script does) after ``megatron_patch.apply()`` and
+    the flags ``argv`` parsed and configured."""
+    parser = add_ring_attention_args(argparse.ArgumentParser())
+    args = parser.parse_args(argv)
+    args.context_parallel_size = cp
+    try:
+        megatron_lm.apply()
+        megatron_lm.configure(args)
+        return compare_with_reference(tp, cp, [dict(case, build="apply") for case in cases])
+    finally:
+        megatron_lm.restore()
+
+
+def _usable(group=None) -> None:
+    """The process group still works (every rank made the same collectives)."""
+    t = torch.ones(1)
+    dist.all_reduce(t, group=group)
+    assert t.item() == dist.get_world_size(group)
+
+
+def bad_input(kind: str) -> str:
+    """Provoke one kind of bad input on a tensor-parallel 1 × ring 2 model; returns the error text."""
+    rank = dist.get_rank()
+    try:
+        with megatron_parallel(1, 2):
+            cp_group = parallel_state.get_context_parallel_group()
+            try:
+                _provoke(kind, rank, cp_group)
+            except ValueError as error:
+                _usable()
+                return str(error)
+            return "no error"
+    finally:
+        _usable()
+
+
+def _provoke(kind: str, rank: int, cp_group) -> None:
+    options = RingOptions()
+    if kind == "shard_batch":
+        shard_batch({"tokens": torch.zeros(2, 10, dtype=torch.long)}, "zigzag", cp_group)
+    elif kind == "context_parallel_size":  # config says cp = 1, the group has 2 ranks
+        ring_gpt_model(make_config(1, 1), vocab_size=VOCAB, max_sequence_length=16, options=options)
+    elif kind == "dropout":
+        ring_gpt_model(make_config(1, 2, dropout=0.1), vocab_size=VOCAB, max_sequence_length=16, options=options)
+    elif kind == "ring_size":
+        ring_gpt_model(make_config(1, 2), vocab_size=VOCAB, max_sequence_length=16, options=RingOptions(ring_size=1))
+    elif kind == "yarn_striped":
+        ring_gpt_model(make_config(1, 2), vocab_size=VOCAB, max_sequence_length=16,
+                       options=RingOptions(layout="striped"), position_embedding_type="yarn")
+    else:
+        _provoke_forward(kind, rank)
+
+
+def _provoke_forward(kind: str, rank: int) -> None:
+    model = ring_gpt_model(make_config(1, 2), vocab_size=VOCAB, max_sequence_length=32, options=RingOptions(),
+                           position_embedding_type="learned_absolute")
+    local = 8
+    tokens = torch.zeros(1, local, dtype=torch.long)
+    positions = torch.arange(local)[None]
+    mask = None
+    if kind == "odd_local_seq":  # zigzag needs an even local length; the model itself is handed 7 tokens
+        tokens, positions = tokens[:, :7], positions[:, :7]
+    elif kind == "document_mask":  # two documents of 8 tokens: the second may not see the first
+        full = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
+        full[8:, :8] = True
+        mask = shard_batch({"attention_mask": full[None, None]}, "zigzag")["attention_mask"]
+    elif kind == "bad_mask_one_rank":  # rank 1 alone gets a wrong mask: both ranks must raise
+        full = torch.triu(torch.ones(16, 16, dtype=torch.bool), 1)
+        if rank == 1:
+            full[:, 0] = True
+        mask = shard_batch({"attention_mask": full[None, None]}, "zigzag")["attention_mask"]
+    elif kind == "local_mask":  # a [local, local] mask is ambiguous
+        mask = torch.zeros(1, 1, local, local, dtype=torch.bool)
+    elif kind == "packed":
+        attention = model.decoder.layers[0].self_attention.core_attention
+        q = torch.zeros(local, 1, 4, 8)
+        attention(q, q, q, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
+        return
+    else:
+        raise AssertionError(kind)
+    model(tokens, positions, mask)
