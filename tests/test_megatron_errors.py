@@ -148,3 +148,29 @@ def test_bad_input_raises_on_every_rank(dist_pool, kind, words):
         if kind != "bad_mask_one_rank" or rank == 1:
             for word in words:
                 assert word in text, f"rank {rank}: {text}"
+
+
+def test_python_m_megatron_patch_runs_a_script_after_apply(tmp_path):
+    """`python -m megatron_patch SCRIPT ARGS`: the script sees the replaced functions and its own argv,
+    and can import modules next to it (as pretrain_gpt.py imports gpt_builders)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "neighbour.py").write_text("VALUE = 'found'\n")
+    (tmp_path / "script.py").write_text(
+        "import sys\n"
+        "import megatron.core.utils as utils\n"
+        "from megatron.core.models.gpt import gpt_layer_specs, gpt_model\n"
+        "from neighbour import VALUE\n"
+        "print(getattr(utils.get_batch_on_this_cp_rank, '_megatron_patch', False),\n"
+        "      getattr(gpt_layer_specs.get_gpt_layer_local_spec, '_megatron_patch', False),\n"
+        "      gpt_model.RotaryEmbedding.__name__, VALUE, sys.argv[1:])\n")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, "-W", "ignore", "-m", "megatron_patch", str(tmp_path / "script.py"),
+                          "--ring-attention", "x"], cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert run.stdout.strip().splitlines()[-1] == "True True LayoutRotaryEmbedding found ['--ring-attention', 'x']"
+    missing = subprocess.run([sys.executable, "-m", "megatron_patch", str(tmp_path / "nope.py")], cwd=root,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode != 0 and "is not a file" in missing.stderr
