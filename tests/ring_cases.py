@@ -93,7 +93,7 @@ def _shards(case: Case, world: int, tensors):
     return [None if t is None else split(t, case.layout, world) for t in tensors]
 
 
-def _simulated(case: Case, world: int, inputs):
+def _simulated(case: Case, world: int, inputs, backend: str = "auto"):
     """out, dq, dk, dv of every position, from the simulated ring."""
     q, k, v, mask, do = inputs
     qs, ks, vs, ms, dos = _shards(case, world, inputs)
@@ -102,18 +102,18 @@ def _simulated(case: Case, world: int, inputs):
     vs = [t.clone().requires_grad_() for t in vs]
     outs = ring_attention_simulated(qs, ks, vs, masks=ms, causal=case.causal, layout=case.layout,
                                     ring_reduce_col=case.reduce_col, bucket_size=BUCKET,
-                                    max_lookback_seq_len=case.lookback)
+                                    max_lookback_seq_len=case.lookback, backend=backend)
     torch.autograd.backward(outs, dos)
     return [(o.detach(), q_.grad, k_.grad, v_.grad) for o, q_, k_, v_ in zip(outs, qs, ks, vs)]
 
 
-def check_simulated(case: Case, world: int, seed: int = 0) -> list[str]:
+def check_simulated(case: Case, world: int, seed: int = 0, backend: str = "auto") -> list[str]:
     """Failures (empty if none) of the simulated ring of ``world`` positions on ``case``."""
     inputs, ref, own = ring_problem(case, world, seed)
     ref_shards = _shards(case, world, ref)
     bounds = _bounds(case, world, ref, own)
     failures = []
-    for r, got in enumerate(_simulated(case, world, inputs)):
+    for r, got in enumerate(_simulated(case, world, inputs, backend)):
         for name, g, want, bound in zip(("out", "dq", "dk", "dv"), got, (s[r] for s in ref_shards), bounds):
             err = rel_err(g, want)
             if not err <= bound:

@@ -25,3 +25,31 @@ def test_torch_backend_block(dtype, band):
                                  dtype=dtype, bucket_size=bucket)
             bad = {k: v for k, v in errors.items() if not v <= BOUND[dtype]}
             assert not bad, f"sq={sq} sk={sk} h={h}/{hk} d={d} mask={masked} bucket={bucket}: {bad}"
+
+
+SDPA_BANDS = [b for b in BANDS if b.hi is None and (b.lo is None or b.lo >= 0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("band", SDPA_BANDS, ids=str)
+def test_sdpa_backend_block_on_cpu(dtype, band):
+    """PyTorch's CPU flash kernel through the sdpa backend: merging, the shift for strict blocks, GQA."""
+    for sq, sk, h, hk, d in SHAPES:
+        errors = check_block("sdpa", sq=sq, sk=sk, heads=h, kv_heads=hk, head_dim=d, band=band, masked=False,
+                             dtype=dtype)
+        bad = {k: v for k, v in errors.items() if not v <= BOUND[dtype]}
+        assert not bad, f"sq={sq} sk={sk} h={h}/{hk} d={d}: {bad}"
+
+
+def test_sdpa_backend_refuses_what_it_cannot_compute():
+    from ring_sp import kernels
+    from ring_sp.schedule import Band
+
+    sdpa = kernels.get("sdpa")
+    q = torch.randn(1, 8, 2, 16)
+    assert "key mask" in sdpa.unsupported(q, q, Band(), has_mask=True)
+    assert "full and causal" in sdpa.unsupported(q, q, Band(lo=0, hi=3), has_mask=False)
+    assert "full and causal" in sdpa.unsupported(q, q, Band(lo=-2), has_mask=False)
+    # auto falls back to another backend for those blocks
+    assert kernels.choose("auto", q, q, Band(lo=0, hi=3), False).name in ("torch", "triton")
+    assert kernels.choose("auto", q, q, Band(lo=1), False).name == "sdpa"

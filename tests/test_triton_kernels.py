@@ -72,3 +72,37 @@ def test_simulated_ring_on_triton():
         got = [merge(outs, layout)] + [merge([t.grad for t in ts], layout) for ts in (qs, ks, vs)]
         for name, g_, r in zip(("out", "dq", "dk", "dv"), got, ref):
             assert rel_err(g_, r) < 3e-3, (layout, name, rel_err(g_, r))
+
+
+def test_fused_merge_matches_the_torch_merge():
+    """The sdpa backend's one-pass merge kernel (CUDA) against its torch formula, -inf rows included."""
+    from ring_sp.kernels import State
+    from ring_sp.kernels.sdpa_backend import _merge_triton, merge
+
+    g = torch.Generator().manual_seed(0)
+    b, s, h, d = 2, 70, 3, 40
+    q = torch.zeros(b, s, h, d, device=DEVICE)
+    states = [State.empty(q), State.empty(q)]
+    acc, m = torch.randn(b, s, h, d, generator=g), torch.randn(b, h, s, generator=g)
+    lse = m + torch.rand(b, h, s, generator=g)
+    m[0, 0, :5] = lse[0, 0, :5] = float("-inf")
+    acc[0, :5, 0] = 0
+    for st in states:
+        st.acc.copy_(acc)
+        st.m.copy_(m)
+        st.lse.copy_(lse)
+    o = torch.randn(b, s, h, d, generator=g).half().to(DEVICE)
+    lse_b = torch.randn(b, h, s, generator=g).to(DEVICE)
+    lse_b[1, 1, 3] = float("-inf")
+    merge_torch = merge if DEVICE == "cpu" else None
+    if merge_torch is None:  # on CUDA, merge() is the Triton kernel: compare with the torch formula on CPU
+        cpu = State(states[0].acc.cpu(), states[0].m.cpu(), states[0].lse.cpu())
+        merge(cpu, o.cpu(), lse_b.cpu())
+        states[0] = cpu
+    else:
+        merge(states[0], o, lse_b)
+    _merge_triton(states[1], o, lse_b)
+    for a, c in zip((states[0].acc, states[0].m, states[0].lse), (states[1].acc, states[1].m, states[1].lse)):
+        c = c.cpu()
+        assert torch.equal(torch.isinf(a), torch.isinf(c))
+        assert (a - c).nan_to_num().abs().max().item() < 1e-5

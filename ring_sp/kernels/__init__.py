@@ -3,6 +3,7 @@
 import importlib.util
 
 from ring_sp.kernels.registry import Backend, choose, get, names, register
+from ring_sp.kernels.sdpa_backend import SdpaBackend
 from ring_sp.kernels.state import State, state_dtype
 from ring_sp.kernels.torch_backend import TorchBackend
 
@@ -18,4 +19,8 @@ def _triton(bucket_size):
 if importlib.util.find_spec("triton") is not None:
     register("triton", _triton, priority=10)
 
-__all__ = ["Backend", "State", "TorchBackend", "choose", "get", "names", "register", "state_dtype"]
+register("sdpa", lambda bucket_size: SdpaBackend(), priority=20)
+for _op in ("cudnn", "flash", "efficient", "cpu"):
+    register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
+
+__all__ = ["Backend", "SdpaBackend", "State", "TorchBackend", "choose", "get", "names", "register", "state_dtype"]

@@ -320,3 +320,34 @@ def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
                    offs_d, full_last, last, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_N)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qd_mask, other=0.0) + dq * scale, mask=qd_mask)
+
+
+@triton.jit
+def merge_kernel(Acc, M, Lse, O, LseB,
+                 stride_ab, stride_as, stride_ah, stride_mb, stride_mh, stride_ms,
+                 stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
+                 H, S, D, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold a normalised block result (O, LseB) into the running state (Acc, M, Lse), one pass."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = rows < S
+    tile_ok = row_ok[:, None] & (offs_d[None, :] < D)
+    stat = b * stride_mb + h * stride_mh + rows * stride_ms
+    m = tl.load(M + stat, mask=row_ok, other=float("-inf"))
+    lse = tl.load(Lse + stat, mask=row_ok, other=float("-inf"))
+    lse_b = tl.load(LseB + b * stride_lb + h * stride_lh + rows * stride_ls, mask=row_ok, other=float("-inf"))
+    m_new = tl.maximum(m, lse_b)
+    m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    keep = tl.exp(m - m_ref)
+    add = tl.exp(lse_b - m_ref)
+    acc_ptrs = Acc + b * stride_ab + h * stride_ah + rows[:, None] * stride_as + offs_d[None, :]
+    o = tl.load(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_os + offs_d[None, :], mask=tile_ok,
+                other=0.0)
+    acc = tl.load(acc_ptrs, mask=tile_ok, other=0.0) * keep[:, None] + o.to(tl.float32) * add[:, None]
+    tl.store(acc_ptrs, acc, mask=tile_ok)
+    tl.store(Lse + stat, m_ref + tl.log(tl.exp(lse - m_ref) + add), mask=row_ok)
+    tl.store(M + stat, m_new, mask=row_ok)
