@@ -1,0 +1,144 @@
+"""Training data: an embedded long-range recall task (default) or Megatron's indexed token dataset.
+
+Both hand out the same thing: ``batch(step, replica, micro_batch, replicas)`` → dict of int64
+(micro_batch, seq) tensors ``tokens``, ``labels``, ``loss_mask``, ``position_ids`` for one
+data-parallel replica at one step, a pure function of its arguments (so a resumed run sees the
+very same samples, and a run with a different data × ring split sees the same global batch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ring_sp import local_positions
+
+
+class RecallTask:
+    """Fact recall across the sequence: solvable only by attending far back.
+
+    A sample of ``seq_length + 1`` tokens. The first half is filler with ``num_keys`` *facts*
+    at random places: fact token ``(k, v)`` says key k has value v (one fact per key, values
+    drawn afresh for every sample). The second half is *questions*: a key token ``k?``
+    followed by its answer, the value token ``v``. Only the answers are scored (``loss_mask``):
+    the value after ``k?`` can only be known by finding fact ``(k, ·)`` in the first half, so a
+    model that cannot attend there is at chance, 1 / ``num_values``.
+
+    With the sequence sharded over a ring, many answers sit on another rank than their fact:
+    ``batch(...)["answer_source"]`` holds, per input position, the position of the fact its
+    answer needs (-1: not an answer), and :func:`shard_sources` / :func:`recall_accuracy` score
+    same-shard and cross-shard answers separately.
+    """
+
+    BOS, FILL = 0, 1
+
+    def __init__(self, seq_length: int, num_keys: int = 16, num_values: int = 16, seed: int = 1234):
+        if seq_length < 4 * num_keys or seq_length % 4:
+            raise ValueError(f"--seq-length {seq_length}: the recall task needs a multiple of 4, at least "
+                             f"{4 * num_keys} ({num_keys} facts in the first half)")
+        self.seq_length, self.num_keys, self.num_values, self.seed = seq_length, num_keys, num_values, seed
+        self.fact0 = 2
+        self.question0 = self.fact0 + num_keys * num_values
+        self.value0 = self.question0 + num_keys
+        self.vocab_size = self.value0 + num_values
+        self.chance = 1.0 / num_values
+
+    def sample(self, index: int, split: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Sample ``index`` of ``split`` (0 train, 1 validation): its seq_length + 1 tokens and, per
+        input position, the position of the fact its answer needs (-1: not an answer)."""
+        rng = np.random.default_rng([self.seed, split, index])
+        half, keys = self.seq_length // 2, self.num_keys
+        values = rng.integers(0, self.num_values, keys)
+        fact_pos = 1 + rng.choice(half - 1, keys, replace=False)
+        tokens = np.full(self.seq_length + 1, self.FILL, dtype=np.int64)
+        tokens[0] = self.BOS
+        tokens[fact_pos] = self.fact0 + np.arange(keys) * self.num_values + values
+        asked = rng.integers(0, keys, half // 2)
+        question_pos = half + 2 * np.arange(half // 2)
+        tokens[question_pos] = self.question0 + asked
+        tokens[question_pos + 1] = self.value0 + values[asked]
+        source = np.full(self.seq_length, -1, dtype=np.int64)
+        source[question_pos] = fact_pos[asked]  # input k? at question_pos predicts the value next to it
+        return tokens, source
+
+    def batch(self, step: int, replica: int, micro_batch: int, replicas: int,
+              split: int = 0) -> dict[str, torch.Tensor]:
+        first = (step * replicas + replica) * micro_batch
+        samples = [self.sample(first + i, split) for i in range(micro_batch)]
+        tokens = torch.from_numpy(np.stack([s[0] for s in samples]))
+        source = torch.from_numpy(np.stack([s[1] for s in samples]))
+        out = _lm_batch(tokens, answer_source=source)
+        out["loss_mask"] = (source >= 0).float()
+        return out
+
+
+def _lm_batch(tokens: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:
+    """tokens (b, seq + 1) → next-token inputs and labels (b, seq), every token scored."""
+    inputs, labels = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()
+    positions = torch.arange(inputs.shape[1]).expand_as(inputs).contiguous()
+    return {"tokens": inputs, "labels": labels, "loss_mask": torch.ones_like(inputs, dtype=torch.float32),
+            "position_ids": positions, **extra}
+
+
+def shard_sources(source: torch.Tensor, layout: str, ring_rank: int, ring_size: int) -> torch.Tensor:
+    """For this rank's shard of ``answer_source`` (b, local_seq): 1 if the answer's source is on
+    another rank of the ring, 0 if on this one, -1 where there is no answer."""
+    seq = source.shape[1] * ring_size
+    owner = torch.empty(seq, dtype=torch.int64)
+    for r in range(ring_size):
+        owner[local_positions(seq, layout, r, ring_size)] = r
+    out = torch.full_like(source, -1)
+    has = source >= 0
+    out[has] = (owner[source[has]] != ring_rank).long()
+    return out
+
+
+def recall_accuracy(logits_argmax: torch.Tensor, labels: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """Counts (4,) float64: [correct same-shard, same-shard answers, correct cross-shard, cross-shard answers].
+
+    logits_argmax, labels, cross: (b, local_seq); ``cross`` from :func:`shard_sources`.
+    """
+    hit = logits_argmax == labels
+    return torch.tensor([(hit & (cross == 0)).sum(), (cross == 0).sum(), (hit & (cross == 1)).sum(),
+                         (cross == 1).sum()], dtype=torch.float64)
+
+
+class IndexedTokens:
+    """Megatron's indexed dataset (``PATH.bin`` + ``PATH.idx``) cut into windows of seq_length + 1.
+
+    Documents are concatenated in index order and read as one token stream (no shuffling, no
+    document masks): window i is tokens [i·seq_length, (i+1)·seq_length + 1).
+    """
+
+    def __init__(self, path_prefix: str, seq_length: int, vocab_size: int | None = None):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.dataset = IndexedDataset(path_prefix, mmap=True)
+        self.seq_length = seq_length
+        self.lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
+        self.windows = int((self.starts[-1] - 1) // seq_length)
+        if self.windows < 1:
+            raise ValueError(f"--data-path {path_prefix}: {self.starts[-1]} tokens are fewer than one sequence of "
+                             f"--seq-length {seq_length} + 1")
+        self.vocab_size = vocab_size if vocab_size is not None else self._max_token() + 1
+
+    def _max_token(self) -> int:
+        return int(max(np.max(self.dataset[i]) for i in range(len(self.dataset))))
+
+    def window(self, i: int) -> np.ndarray:
+        start = (i % self.windows) * self.seq_length
+        end = start + self.seq_length + 1
+        first = int(np.searchsorted(self.starts, start, side="right") - 1)
+        parts, doc = [], first
+        while sum(len(p) for p in parts) < end - start:
+            lo = max(start - self.starts[doc], 0)
+            hi = min(end - self.starts[doc], self.lengths[doc])
+            parts.append(np.asarray(self.dataset.get(doc, offset=int(lo), length=int(hi - lo)), dtype=np.int64))
+            doc += 1
+        return np.concatenate(parts)
+
+    def batch(self, step: int, replica: int, micro_batch: int, replicas: int) -> dict[str, torch.Tensor]:
+        first = (step * replicas + replica) * micro_batch
+        tokens = torch.from_numpy(np.stack([self.window(first + i) for i in range(micro_batch)]))
+        return _lm_batch(tokens)

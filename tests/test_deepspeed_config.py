@@ -1,0 +1,110 @@
+"""DeepSpeed JSON configs: the shipped ones resolve for their launch commands; bad ones fail with a message."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shlex
+import subprocess
+
+import pytest
+
+from launch import ds_config
+from launch.pretrain_gpt import parse_and_check
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "deepspeed_configs", "*.json")))
+
+
+def _check(monkeypatch, world: int, argv: list[str], config: dict | None = None, tmp_path=None):
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    if config is not None:
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(config))
+        argv = ["--deepspeed_config", str(path), *argv]
+    return parse_and_check(argv)
+
+
+def _world(command: list[str]) -> int:
+    nodes = int(command[command.index("--num_nodes") + 1]) if "--num_nodes" in command else 1
+    return nodes * int(command[command.index("--num_gpus") + 1])
+
+
+def _demo_command() -> str:
+    """`make demo`'s command line, as make would run it."""
+    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout
+    return out.replace("\\\n", " ")
+
+
+def test_shipped_configs_resolve_for_their_launch_commands(monkeypatch):
+    assert {os.path.basename(c) for c in CONFIGS} >= {"cpu_demo.json", "node_8gpu.json", "multinode_2x8.json"}
+    monkeypatch.chdir(ROOT)
+    for path in CONFIGS:
+        raw = json.load(open(path))
+        # cpu_demo.json's command is the Makefile's demo target
+        command = shlex.split(raw["_launch"] if "_launch" in raw else _demo_command())
+        argv = command[command.index("launch/pretrain_gpt.py") + 1:]
+        assert argv[argv.index("--deepspeed_config") + 1] == os.path.relpath(path, ROOT)
+        args, config = _check(monkeypatch, _world(command), argv)
+        assert config["ring_attention"]["size"] == args.context_parallel_size == raw["ring_attention"]["size"]
+        assert config["train_batch_size"] == raw.get("train_batch_size", config["train_batch_size"])
+        if "--hostfile" in command:
+            hostfile = command[command.index("--hostfile") + 1]
+            assert os.path.exists(hostfile)
+
+
+def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):
+    args, config = _check(monkeypatch, 4, ["--ring-attention", "--micro-batch-size", "3", "--seq-length", "64"],
+                          {"ring_attention": {"size": 2, "layout": "striped"}}, tmp_path)
+    assert (args.context_parallel_size, args.ring_layout, args.global_batch_size) == (2, "striped", 6)
+    assert config["train_batch_size"] == 6 and config["gradient_accumulation_steps"] == 1
+    assert config["ring_attention"]["layout"] == "striped" and config["gradient_clipping"] == 1.0
+    args, config = _check(monkeypatch, 2, ["--global-batch-size", "8", "--micro-batch-size", "2"], None)
+    assert config["gradient_accumulation_steps"] == 2 and "ring_attention" not in config
+
+
+BAD = [
+    ({"train_micro_batch_size": 2}, [], 2, "unknown key 'train_micro_batch_size' (did you mean "
+                                           "'train_micro_batch_size_per_gpu'?)"),
+    ({"ring_attention": {"size": 2, "layuot": "zigzag"}}, ["--ring-attention"], 2, "unknown key 'layuot'"),
+    ({"ring_attention": {"size": 3}}, ["--ring-attention", "--seq-length", "96"], 4,
+     "4 ranks cannot be split into tensor 1 × pipeline 1 × ring 3"),
+    ({"ring_attention": {"size": 2, "layout": "zigzag"}}, ["--ring-attention", "--seq-length", "66"], 2,
+     "--seq-length 66: sequence length 66 cannot be sharded with layout='zigzag' over 2 ranks: it must be a "
+     "multiple of 4"),
+    ({"ring_attention": {"size": 2}}, ["--ring-attention", "--context-parallel-size", "4"], 8,
+     "ring_attention.size is 2 but the command line says --context-parallel-size 4"),
+    ({"ring_attention": {"size": 2, "layout": "zigzag"}}, ["--ring-attention", "--ring-layout", "striped"], 2,
+     "ring_attention.layout is 'zigzag' but the command line says --ring-layout 'striped'"),
+    ({"ring_attention": {"size": 2}}, [], 2, "has a ring_attention section but --ring-attention was not given"),
+    ({"ring_attention": {"size": 0}}, ["--ring-attention"], 2, "ring_attention.size = 0: use a positive integer"),
+    ({"ring_attention": {"size": 2, "reduce_col": "yes"}}, ["--ring-attention"], 2, "reduce_col = 'yes'"),
+    ({"train_micro_batch_size_per_gpu": 2}, ["--micro-batch-size", "4"], 2,
+     "train_micro_batch_size_per_gpu is 2 but the command line says --micro-batch-size 4"),
+    ({"train_batch_size": 6, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}, [], 2,
+     "train_batch_size 6 != micro batch 2 × gradient_accumulation_steps 1 × data-parallel size 2"),
+    ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, [], 2, "builds AdamW and its learning-rate schedule"),
+    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], 2, "zero_optimization is invalid"),
+    ({"bf16": {"enabled": False}}, ["--bf16"], 2, "bf16.enabled is False but the command line says --bf16 True"),
+    ({}, ["--context-parallel-size", "2"], 2, "--context-parallel-size 2 needs --ring-attention"),
+    ({}, ["--ring-attention", "--context-parallel-size", "2", "--attention-dropout", "0.1"], 2,
+     "--attention-dropout 0.1"),
+]
+
+
+@pytest.mark.parametrize("config,argv,world,message", BAD)
+def test_bad_config_names_the_problem(monkeypatch, tmp_path, config, argv, world, message):
+    with pytest.raises(ValueError) as info:
+        _check(monkeypatch, world, argv, config, tmp_path)
+    assert message in str(info.value)
+
+
+def test_unreadable_config(monkeypatch, tmp_path):
+    (tmp_path / "broken.json").write_text("{\"train_batch_size\": 2,")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        parse_and_check(["--deepspeed_config", str(tmp_path / "broken.json")])
+    with pytest.raises(ValueError, match="no such file"):
+        ds_config.load(str(tmp_path / "missing.json"))
