@@ -23,6 +23,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
+from torch.distributed import distributed_c10d as c10d
 
 from megatron_patch import (
     LayoutRotaryEmbedding,
@@ -70,21 +71,29 @@ class DenseCoreAttention(MegatronModule):
 
 @contextmanager
 def megatron_parallel(tp: int, cp: int):
+    """Megatron's parallel state for one job; afterwards its process groups are destroyed too
+    (``destroy_model_parallel`` only forgets them: each gloo group keeps its threads alive, and
+    the pool's workers live for the whole session)."""
+    before = set(c10d._world.pg_map)
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     try:
         yield
     finally:
         parallel_state.destroy_model_parallel()
+        for group in [g for g in c10d._world.pg_map if g not in before]:
+            dist.destroy_process_group(group)
 
 
 def make_config(tp: int, cp: int, *, heads: int = 4, groups: int | None = None, window=None,
-                hidden: int = 32, layers: int = 2, dropout: float = 0.0, std: float = 0.02) -> TransformerConfig:
+                hidden: int = 32, layers: int = 2, dropout: float = 0.0, std: float = 0.02,
+                skip_freq: int | None = None) -> TransformerConfig:
     return TransformerConfig(
         num_layers=layers, hidden_size=hidden, num_attention_heads=heads, num_query_groups=groups,
         ffn_hidden_size=2 * hidden, tensor_model_parallel_size=tp, context_parallel_size=cp,
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, attention_dropout=dropout,
         hidden_dropout=0.0, window_size=window, params_dtype=torch.float32, init_method_std=std,
+        window_attn_skip_freq=skip_freq,
     )
 
 
@@ -131,7 +140,8 @@ def run_reference(case: dict, replicas: int) -> dict:
     token-mean loss, as Megatron's data-parallel averaging does) and the first step's gradients."""
     torch.manual_seed(case.get("seed", 0))
     window = case.get("window") or ((case["lookback"] - 1, 0) if case.get("lookback") else None)
-    config = make_config(1, 1, heads=case["heads"], groups=case.get("groups"), window=window, std=case.get("std", 0.02))
+    config = make_config(1, 1, heads=case["heads"], groups=case.get("groups"), window=window, std=case.get("std", 0.02),
+                         skip_freq=case.get("skip_freq"))
     model = reference_model(config, case["seq"], case["position"])
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=case.get("lr", 1e-2))
@@ -195,7 +205,7 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
     """The ring model on this rank's shard; returns per-step loss errors and the first step's grad errors."""
     options = RingOptions(layout=case["layout"], max_lookback=case.get("lookback"))
     config = make_config(tp, cp, heads=case["heads"], groups=case.get("groups"), window=case.get("window"),
-                         std=case.get("std", 0.02))
+                         std=case.get("std", 0.02), skip_freq=case.get("skip_freq"))
     model = _ring_model(case, config, options)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "RingCoreAttention" in kinds and "DenseCoreAttention" not in kinds, kinds

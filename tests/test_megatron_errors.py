@@ -142,7 +142,7 @@ def test_parse_args_hook_adds_validates_and_records():
     ("packed", ["packed sequences"]),
 ])
 def test_bad_input_raises_on_every_rank(dist_pool, kind, words):
-    errors = dist_pool(2).run(megatron_jobs.bad_input, kind, timeout=120)
+    errors = dist_pool(2).run(megatron_jobs.bad_input, kind, timeout=300)
     for rank, text in enumerate(errors):
         assert text != "no error", f"rank {rank}: {kind} was accepted"
         if kind != "bad_mask_one_rank" or rank == 1:
@@ -168,9 +168,9 @@ def test_python_m_megatron_patch_runs_a_script_after_apply(tmp_path):
         "      gpt_model.RotaryEmbedding.__name__, VALUE, sys.argv[1:])\n")
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-W", "ignore", "-m", "megatron_patch", str(tmp_path / "script.py"),
-                          "--ring-attention", "x"], cwd=root, capture_output=True, text=True, timeout=300)
+                          "--ring-attention", "x"], cwd=root, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     assert run.stdout.strip().splitlines()[-1] == "True True LayoutRotaryEmbedding found ['--ring-attention', 'x']"
     missing = subprocess.run([sys.executable, "-m", "megatron_patch", str(tmp_path / "nope.py")], cwd=root,
-                             capture_output=True, text=True, timeout=300)
+                             capture_output=True, text=True, timeout=900)
     assert missing.returncode != 0 and "is not a file" in missing.stderr

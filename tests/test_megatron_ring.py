@@ -50,8 +50,9 @@ def test_ring_2_every_layout(dist_pool):
 
 
 def test_ring_4_every_layout(dist_pool):
-    """tp 1 × ring 4, seq 32: RoPE with multi-query attention and a window that spans ranks."""
-    cases = [_case(layout, groups=1, window=(6, 0), seq=32, micro=1) for layout in LAYOUTS]
+    """tp 1 × ring 4, seq 32: RoPE with multi-query attention and a window that spans ranks (every
+    second layer full attention, Megatron's window_attn_skip_freq)."""
+    cases = [_case(layout, groups=1, window=(6, 0), skip_freq=2, seq=32, micro=1) for layout in LAYOUTS]
     cases += [_case("striped", "learned_absolute", seq=32, micro=1, mask=True)]
     _check(dist_pool(4).run(megatron_jobs.compare_with_reference, 1, 4, cases, timeout=600), cases)
 
