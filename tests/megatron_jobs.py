@@ -17,6 +17,7 @@ import megatron.core.utils as megatron_utils
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs, gpt_model
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -342,3 +343,25 @@ def _provoke_forward(kind: str, rank: int) -> None:
     else:
         raise AssertionError(kind)
     model(tokens, positions, mask)
+
+
+def zigzag_is_megatrons(cp: int) -> list[bool]:
+    """shard_batch(..., "zigzag") and the zigzag RoPE table against Megatron's get_batch_on_this_cp_rank."""
+    with megatron_parallel(1, cp):
+        group = parallel_state.get_context_parallel_group()
+        seq = 8 * cp
+        g = torch.Generator().manual_seed(0)
+        batch = {"tokens": torch.randint(0, VOCAB, (2, seq), generator=g),
+                 "loss_mask": torch.rand(2, seq, generator=g),
+                 "position_ids": torch.arange(seq).expand(2, seq).contiguous(),
+                 "attention_mask": torch.rand(2, 1, seq, seq, generator=g) < 0.5}
+        ours = shard_batch(batch, "zigzag", group)
+        theirs = megatron_utils.get_batch_on_this_cp_rank(dict(batch), cp_group=group)
+        checks = [torch.equal(ours[k], theirs[k]) for k in batch]
+        config = make_config(1, cp)
+        rope = LayoutRotaryEmbedding.convert(RotaryEmbedding(kv_channels=config.kv_channels, rotary_percent=1.0,
+                                                             use_cpu_initialization=True, cp_group=group), "zigzag")
+        table = rope.get_freqs_non_repeated(seq)  # Megatron's whole table, [seq, dim / 2]
+        split = megatron_utils.get_batch_on_this_cp_rank({"t": table[None]}, cp_group=group)["t"][0]
+        checks.append(torch.equal(rope(seq)[:, 0, 0, : table.shape[1]], split))
+        return checks

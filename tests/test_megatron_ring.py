@@ -99,3 +99,11 @@ def test_apply_makes_megatron_functions_ring_aware(dist_pool, layout):
     cases = [_case(layout, groups=2, window=(4, 0))]
     argv = ["--ring-attention", "--ring-layout", layout]
     _check(dist_pool(2).run(megatron_jobs.apply_matches_reference, 1, 2, cases, argv, timeout=600), cases)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_zigzag_is_megatrons_batch_split_and_rope_sharding(dist_pool, world):
+    """shard_batch(layout='zigzag') and the zigzag RoPE rows equal Megatron's own get_batch_on_this_cp_rank
+    split (tokens, loss mask, positions, the attention mask's query rows, the rotary table)."""
+    results = dist_pool(world).run(megatron_jobs.zigzag_is_megatrons, world, timeout=300)
+    assert all(all(r) and len(r) == 5 for r in results), results
