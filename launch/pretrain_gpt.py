@@ -254,8 +254,8 @@ class Job:
         dist.all_reduce(t, group=self.zero_group)
         return t
 
-    def train_step(self, iteration: int) -> float:
-        """One optimizer step (all micro batches); returns the loss over the global batch."""
+    def train_step(self, iteration: int) -> tuple[float, float | None]:
+        """One optimizer step (all micro batches); returns the loss over the global batch and the gradient norm."""
         args, engine = self.args, self.engine
         torch.manual_seed(hash((args.seed, iteration, self.rank)) % 2**31)  # resumable: no RNG state to save
         engine.train()
@@ -267,7 +267,9 @@ class Job:
             engine.backward(loss)
             engine.step()
             total += loss.item()
-        return self.sum_over_replicas([total / self.accum]).item() / self.replicas
+        norm = engine.get_global_grad_norm()
+        norm = None if norm is None else float(norm)
+        return self.sum_over_replicas([total / self.accum]).item() / self.replicas, norm
 
     @torch.no_grad()
     def evaluate(self, iteration: int) -> dict:
@@ -339,9 +341,9 @@ def train(args, config) -> None:
 
     for iteration in range(start + 1, stop + 1):
         t0, lr = time.perf_counter(), job.engine.get_lr()[0]
-        loss = job.train_step(iteration - 1)
+        loss, grad_norm = job.train_step(iteration - 1)
         dt = time.perf_counter() - t0
-        entry = {"iteration": iteration, "loss": loss, "lr": lr,
+        entry = {"iteration": iteration, "loss": loss, "grad_norm": grad_norm, "lr": lr,
                  "tokens_per_s": tokens_per_iter / dt, "memory_mb": memory_mb(device)}
         train_log.append(entry)
         record({"kind": "train", **entry})

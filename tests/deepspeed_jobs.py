@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import torch.distributed as dist
+import torch.distributed.distributed_c10d as c10d
 
 
-def mpu_answers(tensor: int, pipeline: int, ring: int) -> dict:
-    """Build the groups with ring_sp.topology.initialize and report what the mpu says on this rank."""
+@contextlib.contextmanager
+def megatron_groups(**sizes):
+    """ring_sp.topology.initialize(**sizes) for one job; afterwards the groups it made are destroyed
+    (Megatron's destroy_model_parallel only forgets them: in a long-lived pool their threads pile up)."""
     from megatron.core import parallel_state as ps
 
     from ring_sp import topology
 
+    before = set(c10d._world.pg_map)
     try:
-        mpu = topology.initialize(tensor=tensor, pipeline=pipeline, ring=ring)
+        yield topology.initialize(**sizes)
+    finally:
+        ps.destroy_model_parallel()
+        for group in set(c10d._world.pg_map) - before:
+            dist.destroy_process_group(group)
+
+
+def mpu_answers(tensor: int, pipeline: int, ring: int) -> dict:
+    """Build the groups with ring_sp.topology.initialize and report what the mpu says on this rank."""
+    with megatron_groups(tensor=tensor, pipeline=pipeline, ring=ring) as mpu:
         ranks = dist.get_process_group_ranks
         return {
             "ring": sorted(ranks(mpu.get_sequence_parallel_group())),
@@ -29,8 +43,6 @@ def mpu_answers(tensor: int, pipeline: int, ring: int) -> dict:
             "ranks": (mpu.get_data_parallel_rank(), mpu.get_sequence_parallel_rank(),
                       mpu.get_sequence_data_parallel_rank(), mpu.get_tensor_model_parallel_rank()),
         }
-    finally:
-        ps.destroy_model_parallel()
 
 
 def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
@@ -43,15 +55,13 @@ def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
     Returns the largest difference from the reference and the reference's largest entry.
     """
     import deepspeed
-    from megatron.core import parallel_state as ps
 
     from ring_sp import split, topology
 
     rank = str(dist.get_rank())  # what a launcher would have set
     os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
     deepspeed.init_distributed(dist_backend="gloo")
-    mpu = topology.initialize(ring=ring)
-    try:
+    with megatron_groups(ring=ring) as mpu:
         data, pos = mpu.get_data_parallel_world_size(), mpu.get_sequence_parallel_rank()
         g = torch.Generator().manual_seed(0)
         model = torch.nn.Linear(3, 2, bias=True)
@@ -78,8 +88,6 @@ def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
         engine.step()
         update = torch.cat([(s - p.detach()).flatten() for s, p in zip(start, model.parameters())])
         return [(update.double() - ref).abs().max().item(), ref.abs().max().item()]
-    finally:
-        ps.destroy_model_parallel()
 
 
 def _reference_update(model: torch.nn.Module, seqs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
