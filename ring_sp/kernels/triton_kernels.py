@@ -68,6 +68,15 @@ def _band_ranges(start, BLOCK_ACROSS: tl.constexpr, BLOCK_ALONG: tl.constexpr, n
 
 
 @triton.jit
+def _row_block(HAS_LO: tl.constexpr):
+    """This program's block of query rows. Under a causal bound (lo) the last rows see the most
+    keys: launch them first so the grid does not end on a tail of long programs."""
+    if HAS_LO:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m, offs_d,
                start, end, SK, D, scale2, lo, hi,
                BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -110,14 +119,19 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
     return acc, l_i, m_i
 
 
-@triton.jit
+# Lengths and band bounds vary from block to block: compiling a variant per divisibility class
+# of each would cost seconds per new shape, for no gain.
+_VARYING = ["SQ", "SK", "lo", "hi"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def forward_kernel(Q, K, V, Mask, Acc, M, Lse,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_mb, stride_ms, stride_ab, stride_as, stride_ah, stride_lb, stride_lh, stride_ls,
                    H, G, SQ, SK, D, scale2, lo, hi,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = _row_block(HAS_LO)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -196,7 +210,7 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_keep, 
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, Mask, DK, DV,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -278,7 +292,7 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stri
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -287,7 +301,7 @@ def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
                        H, G, SQ, SK, D, scale, scale2, lo, hi,
                        HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = tl.program_id(0)
+    pid_m = _row_block(HAS_LO)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
@@ -322,7 +336,7 @@ def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qd_mask, other=0.0) + dq * scale, mask=qd_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S"])
 def merge_kernel(Acc, M, Lse, O, LseB,
                  stride_ab, stride_as, stride_ah, stride_mb, stride_mh, stride_ms,
                  stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ls,
