@@ -95,12 +95,15 @@ class RingCoreAttention(MegatronModule):
             raise ValueError(f"a sliding window needs causal attention, got attn_mask_type={attn_mask_type}")
 
     def _lookback(self, config, layer_number: int) -> int | None:
-        window = lookback_from_window(config.window_size) if _window_applies(config, layer_number) else None
+        """Megatron's window (per layer, as its window_attn_skip_freq says) or the ring's (every layer)."""
+        window = lookback_from_window(config.window_size)
         wanted = self.options.max_lookback
         if window is not None and wanted is not None and window != wanted:
             raise ValueError(f"config.window_size={tuple(config.window_size)} (a lookback of {window}) and "
                              f"RingOptions.max_lookback={wanted} disagree: set one of them")
-        return wanted if wanted is not None else window
+        if config.window_size:
+            return window if _window_applies(config, layer_number) else None
+        return wanted
 
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,

@@ -100,8 +100,9 @@ def add_ring_attention_args(parser: argparse.ArgumentParser) -> argparse.Argumen
         help="Block kernel: auto or one of ring_sp.kernels.names() (e.g. torch, triton).")
     group.add_argument(
         "--ring-max-lookback", type=int, default=None, metavar="L",
-        help="Sliding window: token p attends to keys t with 0 <= p - t < L (Megatron's --window-size L-1,0); "
-             "ring passes beyond the window are skipped.")
+        help="Sliding window on every layer: token p attends to keys t with 0 <= p - t < L; ring passes beyond "
+             "the window are skipped. Megatron's --window-size L-1,0 is honoured too (per layer, with "
+             "--window-attn-skip-freq); given both, they must agree.")
     group.add_argument(
         "--no-ring-reduce-col", dest="ring_reduce_col", action="store_false",
         help="Attend only to the keys this rank holds (local attention; changes the model).")
