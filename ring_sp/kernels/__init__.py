@@ -20,6 +20,17 @@ if importlib.util.find_spec("triton") is not None:
     register("triton", _triton, priority=10)
 
 register("sdpa", lambda bucket_size: SdpaBackend(), priority=20)
+
+
+def _flash_attn(bucket_size):
+    from ring_sp.kernels.flash_attn_backend import FlashAttnBackend
+
+    return FlashAttnBackend(bucket_size)
+
+
+if importlib.util.find_spec("flash_attn") is not None:
+    register("flash_attn", _flash_attn, priority=15)
+
 for _op in ("cudnn", "flash", "efficient", "cpu"):
     register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
 
