@@ -8,6 +8,8 @@ very same samples, and a run with a different data × ring split sees the same g
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -107,38 +109,45 @@ class IndexedTokens:
     """Megatron's indexed dataset (``PATH.bin`` + ``PATH.idx``) cut into windows of seq_length + 1.
 
     Documents are concatenated in index order and read as one token stream (no shuffling, no
-    document masks): window i is tokens [i·seq_length, (i+1)·seq_length + 1).
+    document masks): window i is tokens [i·seq_length, (i+1)·seq_length + 1). The last
+    ``valid_fraction`` of the windows (at least one) is held out for validation (split 1).
     """
 
-    def __init__(self, path_prefix: str, seq_length: int, vocab_size: int | None = None):
+    def __init__(self, path_prefix: str, seq_length: int, vocab_size: int, valid_fraction: float = 0.05):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        for suffix in (".bin", ".idx"):
+            if not os.path.exists(path_prefix + suffix):
+                raise ValueError(f"--data-path {path_prefix}: {path_prefix + suffix} does not exist (give the prefix "
+                                 "of a Megatron indexed dataset, without .bin / .idx)")
         self.dataset = IndexedDataset(path_prefix, mmap=True)
-        self.seq_length = seq_length
+        self.seq_length, self.vocab_size = seq_length, vocab_size
         self.lengths = np.asarray(self.dataset.sequence_lengths, dtype=np.int64)
         self.starts = np.concatenate([[0], np.cumsum(self.lengths)])
-        self.windows = int((self.starts[-1] - 1) // seq_length)
-        if self.windows < 1:
-            raise ValueError(f"--data-path {path_prefix}: {self.starts[-1]} tokens are fewer than one sequence of "
-                             f"--seq-length {seq_length} + 1")
-        self.vocab_size = vocab_size if vocab_size is not None else self._max_token() + 1
-
-    def _max_token(self) -> int:
-        return int(max(np.max(self.dataset[i]) for i in range(len(self.dataset))))
+        windows = int((self.starts[-1] - 1) // seq_length)
+        if windows < 2:
+            raise ValueError(f"--data-path {path_prefix}: {self.starts[-1]} tokens make fewer than two sequences of "
+                             f"--seq-length {seq_length} + 1 (one to train on, one to validate)")
+        valid = max(1, int(windows * valid_fraction))
+        self.ranges = [(0, windows - valid), (windows - valid, windows)]  # train, validation
 
     def window(self, i: int) -> np.ndarray:
-        start = (i % self.windows) * self.seq_length
+        """Tokens [i·seq_length, (i+1)·seq_length + 1) of the concatenated documents."""
+        start = i * self.seq_length
         end = start + self.seq_length + 1
-        first = int(np.searchsorted(self.starts, start, side="right") - 1)
-        parts, doc = [], first
-        while sum(len(p) for p in parts) < end - start:
+        doc = int(np.searchsorted(self.starts, start, side="right") - 1)
+        parts, have = [], 0
+        while have < end - start:
             lo = max(start - self.starts[doc], 0)
             hi = min(end - self.starts[doc], self.lengths[doc])
             parts.append(np.asarray(self.dataset.get(doc, offset=int(lo), length=int(hi - lo)), dtype=np.int64))
+            have += int(hi - lo)
             doc += 1
         return np.concatenate(parts)
 
-    def batch(self, step: int, replica: int, micro_batch: int, replicas: int) -> dict[str, torch.Tensor]:
+    def batch(self, step: int, replica: int, micro_batch: int, replicas: int,
+              split: int = 0) -> dict[str, torch.Tensor]:
+        lo, hi = self.ranges[split]
         first = (step * replicas + replica) * micro_batch
-        tokens = torch.from_numpy(np.stack([self.window(first + i) for i in range(micro_batch)]))
+        tokens = torch.from_numpy(np.stack([self.window(lo + (first + i) % (hi - lo)) for i in range(micro_batch)]))
         return _lm_batch(tokens)

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--vocab-size", type=int, default=None, help="with --data-path: default max token id + 1")
+    g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
     g = p.add_argument_group("parallelism (Megatron's flags)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -122,6 +122,8 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                         ("--eval-iters", args.eval_iters), ("--log-interval", args.log_interval)):
         if value < 1:
             raise ValueError(f"{flag} {value}: use a positive integer")
+    if args.data_path and not args.vocab_size:
+        raise ValueError("--data-path needs --vocab-size (the vocabulary size of the tokenizer that made the data)")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save DIR")
     return args, config
@@ -129,8 +131,6 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
 
 def init_distributed(args) -> tuple[torch.device, object]:
     """Process group (gloo on CPU, NCCL on GPU) and Megatron-core's groups; returns (device, mpu)."""
-    import deepspeed
-
     from ring_sp import topology
 
     if "RANK" not in os.environ:  # plain `python launch/pretrain_gpt.py`: a world of one
@@ -148,7 +148,7 @@ def init_distributed(args) -> tuple[torch.device, object]:
         local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
     timeout = timedelta(minutes=args.distributed_timeout_minutes)
-    deepspeed.init_distributed(dist_backend=args.distributed_backend or ("nccl" if gpu else "gloo"), timeout=timeout)
+    topology.init_distributed(args.distributed_backend or ("nccl" if gpu else "gloo"), timeout)
     mpu = topology.initialize(tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
                               ring=args.context_parallel_size, timeout=timeout)
     return device, mpu
@@ -241,10 +241,7 @@ class Job:
         """This rank's shard of its replica's micro batch number ``micro_step`` (global count)."""
         from megatron_patch import shard_batch
 
-        kwargs = {"split": split} if isinstance(self.data, data.RecallTask) else {}
-        if split and not kwargs:
-            micro_step += 10**6  # held-out windows of the indexed data
-        full = self.data.batch(micro_step, self.replica, self.args.micro_batch_size, self.replicas, **kwargs)
+        full = self.data.batch(micro_step, self.replica, self.args.micro_batch_size, self.replicas, split)
         local = shard_batch(full, self.layout, self.ring_group) if self.ring_size > 1 else full
         return {k: v.to(self.device) for k, v in local.items()}
 

@@ -187,6 +187,22 @@ class RingMPU:
         return self._ps.get_data_parallel_rank(with_context_parallel=True)
 
 
+def init_distributed(backend: str | None = None, timeout: timedelta | None = None) -> None:
+    """``deepspeed.init_distributed`` (NCCL with GPUs, gloo on CPU), or adopt an existing default group.
+
+    On CPU, DeepSpeed would JIT-compile its shared-memory all-reduce on first use (minutes on a
+    fresh machine) although only its inference all-reduce uses it: it is marked unavailable first.
+    """
+    import deepspeed
+    import deepspeed.ops
+
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "gloo":
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed keeps edits to this dict
+    kwargs = {} if timeout is None else {"timeout": timeout}
+    deepspeed.init_distributed(dist_backend=backend, **kwargs)
+
+
 def initialize(*, tensor: int = 1, pipeline: int = 1, ring: int = 1,
                timeout: timedelta | None = None) -> RingMPU:
     """Build Megatron-core's groups for (tensor, pipeline, ring) and return the matching ``RingMPU``.

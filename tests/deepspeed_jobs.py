@@ -60,7 +60,7 @@ def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
 
     rank = str(dist.get_rank())  # what a launcher would have set
     os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
-    deepspeed.init_distributed(dist_backend="gloo")
+    topology.init_distributed("gloo")
     with megatron_groups(ring=ring) as mpu:
         data, pos = mpu.get_data_parallel_world_size(), mpu.get_sequence_parallel_rank()
         g = torch.Generator().manual_seed(0)
