@@ -62,6 +62,17 @@ def main(argv=None):
           f"GPU time per fwd+bwd {whole / 3 / 1e3:.1f} ms")
     for name, t in sorted(totals.items(), key=lambda x: -x[1]):
         print(f"  {name:55s} {100 * t / whole:5.1f}%  {t / 3 / 1e3:7.2f} ms")
+    # GPU idle time: gaps between consecutive kernels of one timed fwd+bwd (the last of the three).
+    kernels = sorted((e for e in prof.events() if e.device_type.name == "CUDA"), key=lambda e: e.time_range.start)
+    third = len(kernels) // 3
+    last = kernels[-third:]
+    gaps = [(b.time_range.start - a.time_range.end, a.name, b.name) for a, b in zip(last, last[1:])]
+    span = last[-1].time_range.end - last[0].time_range.start
+    idle = sum(max(0.0, g) for g, _, _ in gaps)
+    print(f"one fwd+bwd: GPU span {span / 1e3:.1f} ms, idle between kernels {idle / 1e3:.1f} ms "
+          f"({100 * idle / span:.1f}%), {len(last)} kernels")
+    for g, a, b in sorted(gaps, reverse=True)[:8]:
+        print(f"  gap {g:8.0f} us  after {a[:60]}  before {b[:60]}")
     print("top kernels:")
     for e in sorted(events, key=lambda e: -e.device_time_total)[:15]:
         print(f"  {100 * e.device_time_total / whole:5.1f}%  {e.count // 3:4d}x  {e.key[:110]}")

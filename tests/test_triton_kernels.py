@@ -106,3 +106,20 @@ def test_fused_merge_matches_the_torch_merge():
         c = c.cpu()
         assert torch.equal(torch.isinf(a), torch.isinf(c))
         assert (a - c).nan_to_num().abs().max().item() < 1e-5
+
+
+def test_fused_accumulate_adds_strided_half_precision_into_float32():
+    """The sdpa backend's fp32 += bf16/fp16 kernel, on strided (b, h, s, d)-transposed sources."""
+    import triton
+
+    from ring_sp.kernels.triton_kernels import accumulate_kernel
+
+    g = torch.Generator().manual_seed(0)
+    dst = torch.randn(2, 30, 3, 40, generator=g).to(DEVICE)
+    src = torch.randn(2, 3, 30, 40, generator=g).half().to(DEVICE).transpose(1, 2)
+    want = dst + src.float()
+    b, s, h, d = src.shape
+    accumulate_kernel[(triton.cdiv(s, 64), b * h)](
+        dst, src, dst.stride(0), dst.stride(1), dst.stride(2), src.stride(0), src.stride(1), src.stride(2), h, s, d,
+        BLOCK_S=64, BLOCK_D=64)
+    assert torch.equal(dst, want)

@@ -23,7 +23,7 @@ import logging
 import torch
 from torch import Tensor
 
-from ring_sp.kernels.sdpa_backend import merge
+from ring_sp.kernels.sdpa_backend import accumulate, merge
 from ring_sp.kernels.state import State
 from ring_sp.schedule import Band
 
@@ -85,9 +85,9 @@ class FlashAttnBackend:
                     window_size_right=0 if causal else -1, window_size=(window, 0 if causal else -1), softcap=0.0,
                     alibi_slopes=None, deterministic=False, rng_state=None)
         self._bwd(**{name: value for name, value in args.items() if name in self._bwd_params})
-        dq[:, row0:] += gq
-        dk[:, :n_keys] += gk
-        dv[:, :n_keys] += gv
+        accumulate(dq[:, row0:], gq)
+        accumulate(dk[:, :n_keys], gk)
+        accumulate(dv[:, :n_keys], gv)
 
     def _works(self, q: Tensor) -> bool:
         key = (q.device, q.dtype)

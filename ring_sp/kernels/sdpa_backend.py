@@ -124,6 +124,22 @@ def _merge_triton(state: State, out: Tensor, lse: Tensor) -> None:
         h, s, d, BLOCK_S=block_s, BLOCK_D=block_d, num_warps=4)
 
 
+def accumulate(dst: Tensor, src: Tensor) -> None:
+    """dst (float32, (b, s, h, d)) += src (same shape, any float dtype); fused on CUDA."""
+    if not (dst.is_cuda and src.stride(-1) == 1 and dst.stride(-1) == 1):
+        dst += src
+        return
+    import triton
+
+    from ring_sp.kernels.triton_kernels import accumulate_kernel
+
+    b, s, h, d = src.shape
+    block_s = 64
+    accumulate_kernel[(triton.cdiv(s, block_s), b * h)](
+        dst, src, dst.stride(0), dst.stride(1), dst.stride(2), src.stride(0), src.stride(1), src.stride(2), h, s, d,
+        BLOCK_S=block_s, BLOCK_D=max(16, triton.next_power_of_2(d)), num_warps=4)
+
+
 class SdpaBackend:
     """``op=None``: the first of cuDNN, flash, efficient (CUDA) or the CPU kernel that takes the inputs."""
 
@@ -177,9 +193,9 @@ class SdpaBackend:
         kx, vx = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         gq, gk, gv = op.backward(t(do), t(q), kx.transpose(1, 2), vx.transpose(1, 2), t(out), lse[:, :, row0:],
                                  causal, scale)
-        dq[:, row0:] += gq.transpose(1, 2)
-        dk[:, :n_keys] += _reduce(k, gk.transpose(1, 2))
-        dv[:, :n_keys] += _reduce(v, gv.transpose(1, 2))
+        accumulate(dq[:, row0:], gq.transpose(1, 2))
+        accumulate(dk[:, :n_keys], _reduce(k, gk.transpose(1, 2)))
+        accumulate(dv[:, :n_keys], _reduce(v, gv.transpose(1, 2)))
 
 
 def _expand(op: Op, q: Tensor, kv: Tensor) -> Tensor:
@@ -189,10 +205,10 @@ def _expand(op: Op, q: Tensor, kv: Tensor) -> Tensor:
 
 
 def _reduce(kv: Tensor, grad: Tensor) -> Tensor:
-    """Sum the gradient of expanded K/V back over each group of query heads."""
+    """Sum the gradient of expanded K/V back over each group of query heads (in float32)."""
     b, s, h, d = grad.shape
     hk = kv.shape[2]
-    return grad if h == hk else grad.reshape(b, s, hk, h // hk, d).sum(3)
+    return grad if h == hk else grad.float().reshape(b, s, hk, h // hk, d).sum(3)
 
 
 _AVAILABLE: dict[tuple[str, torch.device, torch.dtype], bool] = {}

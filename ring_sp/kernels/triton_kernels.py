@@ -365,3 +365,19 @@ def merge_kernel(Acc, M, Lse, O, LseB,
     tl.store(acc_ptrs, acc, mask=tile_ok)
     tl.store(Lse + stat, m_ref + tl.log(tl.exp(lse - m_ref) + add), mask=row_ok)
     tl.store(M + stat, m_new, mask=row_ok)
+
+
+@triton.jit(do_not_specialize=["S"])
+def accumulate_kernel(Dst, Src, stride_db, stride_ds, stride_dh, stride_sb, stride_ss, stride_sh, H, S, D,
+                      BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Dst (float32, (b, s, h, d) strided) += Src (any float dtype, same shape), one vectorised pass."""
+    pid_s = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    rows = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (rows < S)[:, None] & (offs_d[None, :] < D)
+    dst = Dst + b * stride_db + h * stride_dh + rows[:, None] * stride_ds + offs_d[None, :]
+    src = tl.load(Src + b * stride_sb + h * stride_sh + rows[:, None] * stride_ss + offs_d[None, :], mask=ok, other=0.0)
+    tl.store(dst, tl.load(dst, mask=ok, other=0.0) + src.to(tl.float32), mask=ok)
