@@ -8,7 +8,8 @@
    run; bf16, batch·seq = 16k tokens, 16 heads, head_dim 64 and 128.
 2. The ring on one GPU: a simulated ring of W ranks (causal; striped, zigzag, contiguous), 32
    query heads, 8 KV heads, head_dim 128: throughput as a fraction of one monolithic cuDNN
-   attention over the same whole sequence, forward and forward+backward; peak memory per rank
+   attention over the same whole sequence, forward and forward+backward, both timed over calls
+   run back to back (as in training, the host runs ahead of the GPU); peak memory per rank
    (peak of the simulated run ÷ W).
 Writes results.md, results.json and results.png under --out.
 """
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import attention_flops, bench_ms, environment  # noqa: E402
+from benchmarks.common import attention_flops, bench_ms, environment, throughput_ms  # noqa: E402
 from ring_sp import kernels, ring_attention_simulated  # noqa: E402
 from ring_sp.kernels import State  # noqa: E402
 from ring_sp.schedule import Band  # noqa: E402
@@ -74,11 +75,11 @@ def ring_rows(world: int, local: int, layouts, backends, heads=32, kv_heads=8, d
     fl = attention_flops(1, heads, seq, seq, d, True)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-        mono_f = bench_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))
+        mono_f = throughput_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))
         qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
         dot = do.transpose(1, 2)
-        mono_fb = bench_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True,
-                                                                  enable_gqa=True).backward(dot))
+        mono_fb = throughput_ms(lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True,
+                                                                       enable_gqa=True).backward(dot))
     rows = [dict(kind="monolithic cuDNN", world=world, local=local, seq=seq, fwd_ms=mono_f, fwd_bwd_ms=mono_fb,
                  fwd_tflops=fl / mono_f / 1e9, fwd_bwd_tflops=3.5 * fl / mono_fb / 1e9)]
     for layout, backend in itertools.product(layouts, backends):
@@ -86,14 +87,14 @@ def ring_rows(world: int, local: int, layouts, backends, heads=32, kv_heads=8, d
 
         qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
         fwd = lambda: ring_attention_simulated(qs, ks, vs, causal=True, layout=layout, backend=backend)  # noqa: E731
-        t_f = bench_ms(fwd)
+        t_f = throughput_ms(fwd)
         qg_, kg_, vg_ = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
 
         def fwd_bwd():
             outs = ring_attention_simulated(qg_, kg_, vg_, causal=True, layout=layout, backend=backend)
             torch.autograd.backward(outs, dos)
 
-        t_fb = bench_ms(fwd_bwd)
+        t_fb = throughput_ms(fwd_bwd)
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()

@@ -30,3 +30,21 @@ def bench_ms(fn, warmup_ms: float = 100, rep_ms: float = 400) -> float:
     import triton.testing
 
     return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def throughput_ms(fn, iters: int = 4, warmup: int = 2) -> float:
+    """Milliseconds per call of ``fn()`` run back to back (CUDA events around ``iters`` calls).
+
+    Unlike ``bench_ms`` (one call at a time, cache flushed before each), the host may run ahead
+    of the GPU as it does in training, so per-call Python set-up is hidden behind GPU work.
+    """
+    for _ in range(warmup):
+        fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters

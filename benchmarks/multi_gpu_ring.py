@@ -914,6 +914,8 @@ def write_summary(out: str, with_plot: bool = True) -> None:
 
 
 def _tokens(n: int) -> str:
+    if n >= 2**20:
+        return f"{n / 2**20:.3g}M"
     return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
@@ -938,7 +940,8 @@ def plot(out: str) -> None:
                 ax.axhline(memory["capacity_gib"], color="k", ls=":", lw=0.8, label="GPU memory")
             if memory.get("fit_gib"):
                 fit, top = memory["fit_gib"], memory["extrapolated_max_tokens"]
-                xs = [rows[-1]["tokens"], max(top, rows[-1]["tokens"])]
+                lo, hi = rows[-1]["tokens"], max(top, rows[-1]["tokens"])
+                xs = [lo * (hi / lo) ** (i / 32) for i in range(33)]
                 ax.plot(xs, [fit["a"] + fit["b_per_token"] * x for x in xs], "--", color="gray",
                         label=f"linear extrapolation (limit ~{_tokens(top)})")
             ax.set_xscale("log", base=2)
