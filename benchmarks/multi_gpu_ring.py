@@ -29,7 +29,7 @@ scaling
     ``context_parallel`` (head-tail load balance, which is the zigzag split; ``--cp-rotate``
     allgather, alltoall; cuDNN SDPA, else the next of ``--cp-kernels`` that runs) on the same
     shards, its output checked against the ring's. Forward and forward+backward; the time of a
-    variant is the slowest rank's median.
+    variant is the slowest rank's mean over calls run back to back after warm-up (``measure``).
 
     - per-GPU work: causal attention over S tokens is 4·h·d·S²/2 FLOPs forward (×3.5 with the
       backward); each GPU does 1/W of it, which equals W × the work of causal attention over its own
@@ -75,7 +75,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -194,33 +193,32 @@ def command_line(ctx: Ctx) -> str:
 
 
 def measure(ctx: Ctx, fn: Callable[[], object], *, peak: bool = False) -> float | tuple[float, float | None]:
-    """Seconds per call of ``fn`` (run on every rank at once): the slowest rank's median.
+    """Seconds per call of ``fn`` (run on every rank at once), the slowest rank's.
 
-    Warm-up first (cuDNN plans, Triton compilation): ``--warmup`` calls, fewer if one takes more
-    than ``--min-time``. Then timed calls, each from a barrier: at least two, more until about
-    ``--min-time`` seconds are spent, at most ``--max-reps``. ``peak``: also return the peak GiB
-    allocated during the timed calls (largest over ranks; None on CPU).
+    Warm-up first (cuDNN plans, Triton compilation): ``--warmup`` calls, fewer if they take more
+    than ``--min-time``. Then, from a barrier, calls back to back (as in training, the host may run
+    ahead of the GPU): at least two, enough for about ``--min-time`` seconds, at most
+    ``--max-reps``; their mean. ``peak``: also return the peak GiB allocated during those calls
+    (largest over ranks; None on CPU).
     """
     args = ctx.args
-    started = time.perf_counter()
+    started, last = time.perf_counter(), 0.0
     for i in range(max(1, args.warmup)):
         if i and ctx.reduce(time.perf_counter() - started) > args.min_time:
             break
-        fn()
-        ctx.sync()
-    if peak and ctx.cuda:
-        torch.cuda.reset_peak_memory_stats()
-    times: list[float] = []
-    reps = 2
-    while len(times) < reps:
-        ctx.barrier()
         t0 = time.perf_counter()
         fn()
         ctx.sync()
-        times.append(time.perf_counter() - t0)
-        if len(times) == 1:
-            reps = max(2, min(args.max_reps, math.ceil(args.min_time / max(ctx.reduce(times[0]), 1e-6))))
-    seconds = ctx.reduce(statistics.median(times))
+        last = time.perf_counter() - t0
+    reps = max(2, min(args.max_reps, math.ceil(args.min_time / max(ctx.reduce(last), 1e-6))))
+    if peak and ctx.cuda:
+        torch.cuda.reset_peak_memory_stats()
+    ctx.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    ctx.sync()
+    seconds = ctx.reduce((time.perf_counter() - t0) / reps)
     if not peak:
         return seconds
     return seconds, ctx.reduce(torch.cuda.max_memory_allocated() / GIB) if ctx.cuda else None
@@ -694,7 +692,7 @@ def scaling_markdown(data: dict) -> str:
     s = data["shapes"]
     lines = ["## Scaling\n",
              f"Causal, {s['dtype']}, batch {s['batch']}, {s['heads']} query / {s['kv_heads']} KV heads, head_dim "
-             f"{s['head_dim']}; n tokens per GPU, S = W·n. Time: the slowest rank's median. "
+             f"{s['head_dim']}; n tokens per GPU, S = W·n. Time: the slowest rank's mean over calls run back to back. "
              "**÷1 GPU** = W × (cuDNN causal SDPA over n tokens on one GPU alone) ÷ time: the fraction of single-GPU "
              "throughput each GPU keeps for the same per-GPU work (1/W of the causal FLOPs over S). **÷mono** = "
              "(one GPU running cuDNN causal SDPA over all S tokens) ÷ W ÷ time, where measured. **hidden** = "
