@@ -24,7 +24,7 @@ def _torchrun(out: str, *args: str, nproc: int = 2) -> subprocess.CompletedProce
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("multi_gpu"))
-    return out, _torchrun(out, "--tokens", "32,64", "--min-time", "0.01", "--warmup", "1")
+    return out, _torchrun(out, "--tokens", "32", "--mem-max", "128", "--min-time", "0.01", "--warmup", "1")
 
 
 def test_correctness_passes_and_prints_the_table(full_run):
@@ -47,15 +47,14 @@ def test_scaling_and_memory_dry_run(full_run):
     assert "## Scaling" in open(os.path.join(out, "results.md")).read()
     scaling = json.load(open(os.path.join(out, "scaling.json")))
     rings = [r for r in scaling["rows"] if r["variant"].startswith("ring")]
-    assert {(r["tokens"], r["variant"]) for r in rings} == {(n, f"ring {x}") for n in (32, 64)
-                                                            for x in ("zigzag", "striped")}
+    assert {(r["tokens"], r["variant"]) for r in rings} == {(32, "ring zigzag"), (32, "ring striped")}
     for r in rings:  # comm on, off, and alone were all measured; W = 2: 1 transfer forward, 1 + 1 + 2 with backward
         assert min(r["fwd_s"], r["fwd_bwd_s"], r["fwd_off_s"], r["fwd_bwd_off_s"], r["fwd_bwd_comm_s"]) > 0
         assert (r["fwd_transfers"], r["fwd_bwd_transfers"]) == (1, 4)
     cp = [r for r in scaling["rows"] if r["variant"].startswith("torch cp")]
     assert cp and all("needs CUDA" in r["unavailable"] for r in cp)
     memory = json.load(open(os.path.join(out, "memory.json")))
-    assert [r["tokens"] for r in memory["rows"]] == [64, 128, 256] and "attempting" not in memory
+    assert [r["tokens"] for r in memory["rows"]] == [64, 128] and "attempting" not in memory
 
 
 def test_a_wrong_gradient_fails_the_run(tmp_path):
