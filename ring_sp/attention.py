@@ -154,10 +154,17 @@ def _ring_forward(ring, schedule: Schedule, opts: Options, qs, ks, vs, masks) ->
     return outs, [state.lse for state in states]
 
 
+def _row_dot(do: Tensor, out: Tensor, dtype: torch.dtype, rows: int = 2048) -> Tensor:
+    """delta = rowsum(do · out) in ``dtype``, (batch, heads, seq), a few rows at a time so the
+    float copies stay small."""
+    parts = [(do[:, i:i + rows].to(dtype) * out[:, i:i + rows].to(dtype)).sum(-1) for i in range(0, do.shape[1], rows)]
+    return torch.cat(parts, 1).transpose(1, 2)
+
+
 def _ring_backward(ring, schedule: Schedule, opts: Options, dos, qs, ks, vs, masks, outs, lses):
     scale = opts.scale(qs[0].shape[-1])
     acc = state_dtype(qs[0].dtype)
-    deltas = [(do.to(acc) * out.to(acc)).sum(-1).transpose(1, 2) for do, out in zip(dos, outs)]
+    deltas = [_row_dot(do, out, acc) for do, out in zip(dos, outs)]
     dqs = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in qs]
     items = [[k, v] + ([m] if m is not None else []) for k, v, m in zip(ks, vs, masks)]
     travelling = None  # dK/dV of the block each position holds, on their way around the ring

@@ -76,10 +76,32 @@ def gather_signatures(group: dist.ProcessGroup, signature: tuple[int, ...]) -> l
 
     One small all_gather over the group: callers compare the result and raise on every rank
     at once, so a rank with bad input fails the whole group instead of leaving peers hanging.
+    On NCCL it runs on a side stream through pinned host memory, so the host waits for this
+    exchange only, not for the compute already queued on the current stream.
     """
-    on_gpu = dist.get_backend(group) == "nccl"
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    local = torch.tensor(signature, dtype=torch.long, device=device)
-    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(gathered, local, group=group)
-    return [tuple(int(x) for x in t.tolist()) for t in gathered]
+    world = dist.get_world_size(group)
+    if dist.get_backend(group) != "nccl":
+        local = torch.tensor(signature, dtype=torch.long)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(gathered, local, group=group)
+        return [tuple(int(x) for x in t.tolist()) for t in gathered]
+    device = torch.device("cuda", torch.cuda.current_device())
+    side = _side_stream(device)
+    host = torch.tensor(signature, dtype=torch.long).pin_memory()
+    result = torch.empty(world * len(signature), dtype=torch.long).pin_memory()
+    with torch.cuda.stream(side):
+        local = host.to(device, non_blocking=True)
+        gathered = torch.empty(world * len(signature), dtype=torch.long, device=device)
+        dist.all_gather_into_tensor(gathered, local, group=group)
+        result.copy_(gathered, non_blocking=True)
+    side.synchronize()
+    return [tuple(int(x) for x in row) for row in result.view(world, -1).tolist()]
+
+
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
