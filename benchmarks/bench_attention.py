@@ -29,8 +29,10 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.common import attention_flops, bench_ms, environment, throughput_ms  # noqa: E402
 from ring_sp import kernels, ring_attention_simulated  # noqa: E402
-from ring_sp.kernels import State  # noqa: E402
-from ring_sp.schedule import Band  # noqa: E402
+from ring_sp.kernels import (
+    Band,  # noqa: E402
+    State,  # noqa: E402
+)
 
 TORCH_SDPA = {"torch-cudnn": SDPBackend.CUDNN_ATTENTION, "torch-flash": SDPBackend.FLASH_ATTENTION}
 

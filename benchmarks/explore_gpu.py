@@ -16,9 +16,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, ".")
 from benchmarks.common import attention_flops, bench_ms, environment  # noqa: E402
 from ring_sp import kernels  # noqa: E402
-from ring_sp.kernels import State, sdpa_backend  # noqa: E402
+from ring_sp.kernels import (  # noqa: E402
+    Band,  # noqa: E402
+    State,
+    sdpa_backend,
+)
 from ring_sp.kernels import triton_backend as tb  # noqa: E402
-from ring_sp.schedule import Band  # noqa: E402
 from tests.block_check import check_block  # noqa: E402
 
 print(environment(), flush=True)

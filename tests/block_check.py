@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 
 from ring_sp import kernels
-from ring_sp.kernels import State
-from ring_sp.schedule import Band
+from ring_sp.kernels import Band, State
 from tests.reference import rel_err
 
 

@@ -43,7 +43,7 @@ def test_sdpa_backend_block_on_cpu(dtype, band):
 
 def test_sdpa_backend_refuses_what_it_cannot_compute():
     from ring_sp import kernels
-    from ring_sp.schedule import Band
+    from ring_sp.kernels import Band
 
     sdpa = kernels.get("sdpa")
     q = torch.randn(1, 8, 2, 16)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ring_sp import kernels, merge, ring_attention_simulated, split
-from ring_sp.schedule import Band
+from ring_sp.kernels import Band
 from tests.reference import reference_grads, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -4,7 +4,6 @@ import pytest
 
 from tests.ring_cases import cases, check_simulated
 
-
 # The distributed test runs ``auto`` over W = 1–4 and checks the simulated ring against it; here:
 # larger rings with ``auto``, and the reference torch backend through the whole ring.
 WORLDS = [("auto", 5), ("auto", 8), ("torch", 1), ("torch", 2), ("torch", 3), ("torch", 4)]

@@ -2,6 +2,7 @@
 
 import importlib.util
 
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.registry import Backend, choose, get, names, register
 from ring_sp.kernels.sdpa_backend import SdpaBackend
 from ring_sp.kernels.state import State, state_dtype
@@ -34,4 +35,5 @@ if importlib.util.find_spec("flash_attn") is not None:
 for _op in ("cudnn", "flash", "efficient", "cpu"):
     register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
 
-__all__ = ["Backend", "SdpaBackend", "State", "TorchBackend", "choose", "get", "names", "register", "state_dtype"]
+__all__ = ["Backend", "Band", "SdpaBackend", "State", "TorchBackend", "choose", "get", "names", "register",
+           "state_dtype"]

@@ -23,9 +23,9 @@ import logging
 import torch
 from torch import Tensor
 
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.sdpa_backend import accumulate, merge
 from ring_sp.kernels.state import State
-from ring_sp.schedule import Band
 
 log = logging.getLogger("ring_sp")
 

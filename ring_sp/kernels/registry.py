@@ -20,8 +20,8 @@ from typing import Protocol
 
 from torch import Tensor
 
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.state import State
-from ring_sp.schedule import Band
 
 log = logging.getLogger("ring_sp")
 

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.state import State
-from ring_sp.schedule import Band
 
 aten = torch.ops.aten
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.state import State, state_dtype
-from ring_sp.schedule import Band
 
 DEFAULT_BUCKET = 1024
 

@@ -14,8 +14,8 @@ import triton
 from torch import Tensor
 
 from ring_sp.kernels import triton_kernels as tk
+from ring_sp.kernels.band import Band
 from ring_sp.kernels.state import State
-from ring_sp.schedule import Band
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 MAX_HEAD_DIM = 256
