@@ -77,6 +77,20 @@ def _row_block(HAS_LO: tl.constexpr):
 
 
 @triton.jit
+def _row_program(H, G, SQ, D, HAS_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The (batch, head, K/V head, first row, rows, head_dim offsets, row mask, tile mask) of a
+    program that owns a block of query rows (grid: row blocks × batch·heads)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    m0 = _row_block(HAS_LO) * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < SQ
+    return b, h, h // G, m0, offs_m, offs_d, row_ok, row_ok[:, None] & (offs_d[None, :] < D)
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m, offs_d,
                start, end, SK, D, scale2, lo, hi,
                BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -132,16 +146,7 @@ def forward_kernel(Q, K, V, Mask, Acc, M, Lse,
                    H, G, SQ, SK, D, scale2, lo, hi,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
                    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = _row_block(HAS_LO)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < SQ
-    qd_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    b, h, hk, m0, offs_m, offs_d, row_ok, qd_mask = _row_program(H, G, SQ, D, HAS_LO, BLOCK_M, BLOCK_D)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask,
                 other=0.0)
@@ -302,16 +307,7 @@ def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
                        H, G, SQ, SK, D, scale, scale2, lo, hi,
                        HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
-    pid_m = _row_block(HAS_LO)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    m0 = pid_m * BLOCK_M
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    row_ok = offs_m < SQ
-    qd_mask = row_ok[:, None] & (offs_d[None, :] < D)
+    b, h, hk, m0, offs_m, offs_d, row_ok, qd_mask = _row_program(H, G, SQ, D, HAS_LO, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask,
                 other=0.0)
     do = tl.load(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
