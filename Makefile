@@ -21,9 +21,9 @@ venv: $(VENV)/.installed
 DEMO_ARGS ?=
 demo: $(VENV)/.installed
 	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
-		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --seq-length 256 \
-		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --train-iters 300 \
-		--eval-interval 100 --save runs/demo --plot runs/demo/loss.png $(DEMO_ARGS)
+		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --seq-length 128 \
+		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant \
+		--train-iters 300 --eval-interval 50 --save runs/demo --plot runs/demo/loss.png $(DEMO_ARGS)
 
 # Ring attention alone (no model): error against float64 and memory per rank.
 attention-demo: $(VENV)/.installed

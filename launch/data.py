@@ -19,24 +19,24 @@ from ring_sp import local_positions
 class RecallTask:
     """Fact recall across the sequence: solvable only by attending far back.
 
-    A sample of ``seq_length + 1`` tokens. The first half is filler with ``num_keys`` *facts*
-    at random places: fact token ``(k, v)`` says key k has value v (one fact per key, values
-    drawn afresh for every sample). The second half is *questions*: a key token ``k?``
-    followed by its answer, the value token ``v``. Only the answers are scored (``loss_mask``):
-    the value after ``k?`` can only be known by finding fact ``(k, ·)`` in the first half, so a
-    model that cannot attend there is at chance, 1 / ``num_values``.
+    A sample of ``seq_length`` tokens. The first half is filler with ``num_keys`` *facts* at
+    random places: fact token ``(k, v)`` says key k has value v (one fact per key, values drawn
+    afresh for every sample). Every token of the second half is a *question* ``k?``, labelled
+    with its answer, the value ``v``. Answers never appear in the input and only they are
+    scored (``loss_mask``): the answer to ``k?`` can only be known by finding fact ``(k, ·)``,
+    so a model that cannot attend to it is at chance, 1 / ``num_values``.
 
-    With the sequence sharded over a ring, many answers sit on another rank than their fact:
-    ``batch(...)["answer_source"]`` holds, per input position, the position of the fact its
-    answer needs (-1: not an answer), and :func:`shard_sources` / :func:`recall_accuracy` score
+    With the sequence sharded over a ring, many questions sit on another rank than their fact:
+    ``batch(...)["answer_source"]`` holds, per position, the position of the fact its answer
+    needs (-1: not a question), and :func:`shard_sources` / :func:`recall_accuracy` score
     same-shard and cross-shard answers separately.
     """
 
     BOS, FILL = 0, 1
 
-    def __init__(self, seq_length: int, num_keys: int = 16, num_values: int = 16, seed: int = 1234):
-        if seq_length < 4 * num_keys or seq_length % 4:
-            raise ValueError(f"--seq-length {seq_length}: the recall task needs a multiple of 4, at least "
+    def __init__(self, seq_length: int, num_keys: int = 8, num_values: int = 8, seed: int = 1234):
+        if seq_length < 4 * num_keys or seq_length % 2:
+            raise ValueError(f"--seq-length {seq_length}: the recall task needs an even length of at least "
                              f"{4 * num_keys} ({num_keys} facts in the first half)")
         self.seq_length, self.num_keys, self.num_values, self.seed = seq_length, num_keys, num_values, seed
         self.fact0 = 2
@@ -45,33 +45,32 @@ class RecallTask:
         self.vocab_size = self.value0 + num_values
         self.chance = 1.0 / num_values
 
-    def sample(self, index: int, split: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ``index`` of ``split`` (0 train, 1 validation): its seq_length + 1 tokens and, per
-        input position, the position of the fact its answer needs (-1: not an answer)."""
+    def sample(self, index: int, split: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sample ``index`` of ``split`` (0 train, 1 validation): tokens, labels and, per position,
+        the position of the fact its answer needs (-1: not a question); each (seq_length,)."""
         rng = np.random.default_rng([self.seed, split, index])
         half, keys = self.seq_length // 2, self.num_keys
         values = rng.integers(0, self.num_values, keys)
         fact_pos = 1 + rng.choice(half - 1, keys, replace=False)
-        tokens = np.full(self.seq_length + 1, self.FILL, dtype=np.int64)
+        tokens = np.full(self.seq_length, self.FILL, dtype=np.int64)
         tokens[0] = self.BOS
         tokens[fact_pos] = self.fact0 + np.arange(keys) * self.num_values + values
-        asked = rng.integers(0, keys, half // 2)
-        question_pos = half + 2 * np.arange(half // 2)
-        tokens[question_pos] = self.question0 + asked
-        tokens[question_pos + 1] = self.value0 + values[asked]
+        asked = rng.integers(0, keys, self.seq_length - half)
+        tokens[half:] = self.question0 + asked
+        labels = np.full(self.seq_length, self.FILL, dtype=np.int64)
+        labels[half:] = self.value0 + values[asked]
         source = np.full(self.seq_length, -1, dtype=np.int64)
-        source[question_pos] = fact_pos[asked]  # input k? at question_pos predicts the value next to it
-        return tokens, source
+        source[half:] = fact_pos[asked]
+        return tokens, labels, source
 
     def batch(self, step: int, replica: int, micro_batch: int, replicas: int,
               split: int = 0) -> dict[str, torch.Tensor]:
         first = (step * replicas + replica) * micro_batch
-        samples = [self.sample(first + i, split) for i in range(micro_batch)]
-        tokens = torch.from_numpy(np.stack([s[0] for s in samples]))
-        source = torch.from_numpy(np.stack([s[1] for s in samples]))
-        out = _lm_batch(tokens, answer_source=source)
-        out["loss_mask"] = (source >= 0).float()
-        return out
+        tokens, labels, source = (torch.from_numpy(np.stack(a)) for a in
+                                  zip(*(self.sample(first + i, split) for i in range(micro_batch))))
+        positions = torch.arange(self.seq_length).expand_as(tokens).contiguous()
+        return {"tokens": tokens, "labels": labels, "loss_mask": (source >= 0).float(), "position_ids": positions,
+                "answer_source": source}
 
 
 def _lm_batch(tokens: torch.Tensor, **extra: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -206,6 +206,10 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
         DeepSpeedZeroConfig(**zero)
     except Exception as e:  # pydantic's ValidationError: unknown keys, bad values
         raise ValueError(f"{source}: zero_optimization is invalid: {e}") from None
+    if zero.get("stage", 0) == 3 and cp > 1:
+        raise ValueError(f"{source}: ZeRO stage 3 with ring attention (ring size {cp}) is refused: with DeepSpeed "
+                         "0.19.8 its gradients differ from ZeRO-1/2 and from the run without ring attention (seen in "
+                         "ring_sp's tests); use stage 1 or 2")
     if zero.get("stage", 0) == 3 and tp > 1:
         raise ValueError(f"{source}: ZeRO stage 3 with --tensor-model-parallel-size {tp} is not supported by this "
                          "job: use stage 1 or 2 with tensor parallelism")

@@ -26,7 +26,7 @@ def plot_run(path: str, train: list[dict], evals: list[dict], chance: float | No
             if points:
                 ax.plot(*zip(*points), "o-", label=label)
         if chance is not None:
-            ax.axhline(chance, color="gray", ls="--", label="chance (no attention across shards)")
+            ax.axhline(chance, color="gray", ls="--", label="chance: cross-shard answers without ring attention")
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("iteration")
         ax.set_ylabel("recall accuracy (validation)")

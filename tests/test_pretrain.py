@@ -20,6 +20,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "launch", "pretrain_gpt.py")
 DEEPSPEED = os.path.join(os.path.dirname(sys.executable), "deepspeed")
+TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 MODEL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--num-query-groups", "2",
          "--seq-length", "64", "--recall-keys", "8", "--recall-values", "8", "--lr", "1e-2", "--train-iters", "6",
          "--eval-interval", "1000", "--eval-iters", "1", "--no-progress"]
@@ -51,13 +52,15 @@ def _metrics(path) -> dict[int, dict]:
 
 
 def deepspeed_run(tmp_path, name: str, nproc: int, ring: int | None, stage: int, extra: list[str],
-                  timeout: float = 300) -> dict[int, dict]:
-    """Run the job under `deepspeed --num_gpus nproc`; returns its per-iteration metrics."""
+                  timeout: float = 300, launcher: str = "deepspeed") -> dict[int, dict]:
+    """Run the job under `deepspeed --num_gpus nproc` (or torchrun); returns its per-iteration metrics."""
     replicas = nproc // (ring or 1)
     config = _write_config(tmp_path / f"{name}.json", ring, stage, GLOBAL_BATCH // replicas)
     metrics = tmp_path / f"{name}.jsonl"
-    cmd = [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port()), SCRIPT, "--deepspeed_config", config,
-           *(["--ring-attention"] if ring else []), *MODEL, "--metrics-file", str(metrics), *extra]
+    launch = {"deepspeed": [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port())],
+              "torchrun": [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(_port())]}[launcher]
+    cmd = [*launch, SCRIPT, "--deepspeed_config", config, *(["--ring-attention"] if ring else []), *MODEL,
+           "--metrics-file", str(metrics), *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
     return _metrics(metrics)
@@ -108,7 +111,8 @@ def test_ring_attention_losses_match_dense_attention(runs, name):
 def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
     tmp = runs["tmp"]
     save = str(tmp / "ckpt")
-    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save])
+    # stopped under torchrun, resumed under the DeepSpeed launcher: the job runs under both
+    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save], launcher="torchrun")
     assert open(os.path.join(save, "latest")).read() == "iter_0000003"
     resumed = deepspeed_run(tmp, "resumed", 2, 2, 1, ["--load", save])
     assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]

@@ -19,16 +19,17 @@ def test_recall_answers_are_the_fact_values_and_only_they_are_scored():
     assert not torch.equal(b["tokens"], task.batch(3, 0, 2, 4)["tokens"])
     assert not torch.equal(b["tokens"], task.batch(3, 1, 2, 4, split=1)["tokens"])
     for tokens, labels, source, mask in zip(b["tokens"], b["labels"], b["answer_source"], b["loss_mask"]):
-        assert torch.equal(mask.bool(), source >= 0) and int(mask.sum()) == 64 // 4
+        assert torch.equal(mask.bool(), source >= 0) and int(mask.sum()) == 32
         facts = {}
         for t in tokens[: 32].tolist():
             if task.fact0 <= t < task.question0:
                 key, value = divmod(t - task.fact0, task.num_values)
                 facts[key] = value
         assert sorted(facts) == list(range(4))
+        assert not ((tokens >= task.value0).any())  # answers are never in the input
         for p in torch.nonzero(mask).flatten().tolist():
             key = tokens[p].item() - task.question0
-            assert labels[p].item() == task.value0 + facts[key]  # the answer is the fact's value
+            assert 0 <= key < 4 and labels[p].item() == task.value0 + facts[key]  # the answer is the fact's value
             assert tokens[source[p]].item() == task.fact0 + key * task.num_values + facts[key]
             assert source[p] < 32 <= p  # facts in the first half, questions in the second
     assert task.chance == 1 / 5
