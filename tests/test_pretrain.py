@@ -52,9 +52,10 @@ def _metrics(path) -> dict[int, dict]:
 
 
 def deepspeed_run(tmp_path, name: str, nproc: int, ring: int | None, stage: int, extra: list[str],
-                  timeout: float = 300, launcher: str = "deepspeed") -> dict[int, dict]:
+                  timeout: float = 300, launcher: str = "deepspeed", tensor: int = 1) -> dict[int, dict]:
     """Run the job under `deepspeed --num_gpus nproc` (or torchrun); returns its per-iteration metrics."""
-    replicas = nproc // (ring or 1)
+    replicas = nproc // ((ring or 1) * tensor)
+    extra = [*extra, "--tensor-model-parallel-size", str(tensor)]
     config = _write_config(tmp_path / f"{name}.json", ring, stage, GLOBAL_BATCH // replicas)
     metrics = tmp_path / f"{name}.jsonl"
     launch = {"deepspeed": [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(_port())],
@@ -106,6 +107,15 @@ def test_ring_attention_losses_match_dense_attention(runs, name):
     assert sorted(dense) == [1, 2, 3, 4]
     _close(ring, dense, [1, 2, 3, 4], rtol=1e-5)  # seen: 1e-7
     assert dense[4]["loss"] < dense[1]["loss"] - 0.05  # it learns: the comparison is not of constants
+
+
+def test_tensor_parallel_ring_matches_tensor_parallel_dense(tmp_path):
+    # 4 ranks: tensor 2 × data 2 without ring attention, and tensor 2 × ring 2 (one set of groups
+    # serves Megatron's tensor parallelism, the ring and ZeRO). Megatron initialises tensor-parallel
+    # weights differently from tp 1, so the reference is the tensor-parallel dense run.
+    dense = deepspeed_run(tmp_path, "tp2_dense", 4, None, 1, ["--exit-interval", "3"], tensor=2)
+    ring = deepspeed_run(tmp_path, "tp2_ring2", 4, 2, 2, ["--exit-interval", "3"], tensor=2)
+    _close(ring, dense, [1, 2, 3], rtol=1e-5)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
