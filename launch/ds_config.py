@@ -206,10 +206,12 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
         DeepSpeedZeroConfig(**zero)
     except Exception as e:  # pydantic's ValidationError: unknown keys, bad values
         raise ValueError(f"{source}: zero_optimization is invalid: {e}") from None
-    if zero.get("stage", 0) == 3 and cp > 1:
-        raise ValueError(f"{source}: ZeRO stage 3 with ring attention (ring size {cp}) is refused: with DeepSpeed "
-                         "0.19.8 its gradients differ from ZeRO-1/2 and from the run without ring attention (seen in "
-                         "ring_sp's tests); use stage 1 or 2")
+    if zero.get("stage", 0) == 3 and cp > 1:  # see ring_sp.topology.partition_for_zero3
+        if zero.get("reduce_scatter", False):
+            raise ValueError(f"{source}: zero_optimization.reduce_scatter is true, but with ZeRO-3 and a ring "
+                             "DeepSpeed's reduce-scatter averages gradients over the ring instead of summing them: set "
+                             "it to false or leave it out")
+        config["zero_optimization"] = {**zero, "reduce_scatter": False}
     if zero.get("stage", 0) == 3 and tp > 1:
         raise ValueError(f"{source}: ZeRO stage 3 with --tensor-model-parallel-size {tp} is not supported by this "
                          "job: use stage 1 or 2 with tensor parallelism")

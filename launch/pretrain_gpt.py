@@ -35,6 +35,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from launch import checkpoint, data, ds_config  # noqa: E402
+from ring_sp import topology  # noqa: E402
 from ring_sp.topology import ring_loss  # noqa: E402
 
 
@@ -131,8 +132,6 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
 
 def init_distributed(args) -> tuple[torch.device, object]:
     """Process group (gloo on CPU, NCCL on GPU) and Megatron-core's groups; returns (device, mpu)."""
-    from ring_sp import topology
-
     if "RANK" not in os.environ:  # plain `python launch/pretrain_gpt.py`: a world of one
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
@@ -190,8 +189,11 @@ def build_model(args, vocab_size: int):
 
 def build_optimizer(args, model):
     """AdamW (no decay on biases and norms) and a warmup + decay schedule stepped once per iteration."""
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() > 1]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() <= 1]
+    def matrix(p) -> bool:  # ZeRO-3 leaves an empty p.data and keeps the shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) > 1
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr,
                                   betas=(args.adam_beta1, args.adam_beta2))
@@ -233,6 +235,8 @@ class Job:
             vocab += 128
         torch.manual_seed(args.seed)
         model = build_model(args, vocab)
+        if config.get("zero_optimization", {}).get("stage", 0) == 3:
+            topology.partition_for_zero3(model, mpu, config)  # over data × ring, not data alone
         optimizer, scheduler = build_optimizer(args, model)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                config=config, mpu=mpu)
@@ -333,7 +337,8 @@ def train(args, config) -> None:
     if rank0:
         print(f"ranks {dist.get_world_size()} = tensor {args.tensor_model_parallel_size} × ring {job.ring_size} × "
               f"data {job.replicas} | layout {job.layout} | ZeRO stage {job.engine.zero_optimization_stage()} | "
-              f"{sum(p.numel() for p in job.engine.module.parameters()) / 1e6:.2f}M parameters per rank | "
+              f"{sum(getattr(p, 'ds_numel', p.numel()) for p in job.engine.module.parameters()) / 1e6:.2f}M "
+              f"parameters per tensor-parallel rank | "
               f"global batch {config['train_batch_size']} × {args.seq_length} tokens"
               + (f" | resumed after iteration {start}" if start else ""), flush=True)
     bar = None

@@ -235,6 +235,23 @@ def initialize(*, tensor: int = 1, pipeline: int = 1, ring: int = 1,
     return mpu
 
 
+def partition_for_zero3(module: torch.nn.Module, mpu: RingMPU, config: dict) -> None:
+    """Partition ``module``'s parameters for ZeRO-3 over data × ring, in place, before ``deepspeed.initialize``.
+
+    Left to itself DeepSpeed (0.19.8) partitions them over ``mpu.get_data_parallel_group()`` (data
+    only) while its optimizer reduces over data × ring, and the ranks of a ring drift apart. The
+    config must also say ``"reduce_scatter": false``: DeepSpeed's reduce-scatter path averages over
+    data × ring, its all-reduce path (the one taken then) sums the ring and averages the data.
+    """
+    import deepspeed
+
+    if config.get("zero_optimization", {}).get("reduce_scatter", True) and mpu.get_sequence_parallel_world_size() > 1:
+        raise ValueError('ZeRO-3 with a ring needs "zero_optimization": {"reduce_scatter": false}: DeepSpeed\'s '
+                         "reduce-scatter path averages gradients over the ring instead of summing them")
+    deepspeed.zero.Init(module=module, data_parallel_group=mpu.get_sequence_data_parallel_group(),
+                        config_dict_or_path=config, mpu=mpu)
+
+
 def ring_loss(token_losses: torch.Tensor, loss_mask: torch.Tensor, ring_group=None) -> torch.Tensor:
     """This rank's share of its ring's mean loss: sum(local losses · mask) / (mask summed over the ring).
 

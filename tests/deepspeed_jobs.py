@@ -74,9 +74,11 @@ def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
         if clip:
             ref *= min(1.0, clip / ref.norm().item())
         start = [p.detach().clone() for p in model.parameters()]
-        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-               "zero_optimization": {"stage": stage}, "zero_allow_untested_optimizer": True,
-               "gradient_clipping": clip}
+        zero = {"stage": stage, **({"reduce_scatter": False} if stage == 3 else {})}
+        cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "zero_optimization": zero,
+               "zero_allow_untested_optimizer": True, "gradient_clipping": clip}
+        if stage == 3:
+            topology.partition_for_zero3(model, mpu, cfg)
         engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                                           config=cfg, mpu=mpu)
         replica = mpu.get_data_parallel_rank()
@@ -86,7 +88,8 @@ def zero_gradient_scaling(stage: int, ring: int, clip: float) -> list[float]:
         loss = topology.ring_loss(token_losses, m, mpu.get_sequence_parallel_group())
         engine.backward(loss)
         engine.step()
-        update = torch.cat([(s - p.detach()).flatten() for s, p in zip(start, model.parameters())])
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):  # whole again under ZeRO-3
+            update = torch.cat([(s - p.detach()).flatten() for s, p in zip(start, model.parameters())])
         return [(update.double() - ref).abs().max().item(), ref.abs().max().item()]
 
 

@@ -89,8 +89,8 @@ BAD = [
     ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], 2, "zero_optimization is invalid"),
     ({"bf16": {"enabled": False}}, ["--bf16"], 2, "bf16.enabled is False but the command line says --bf16 True"),
     ({}, ["--context-parallel-size", "2"], 2, "--context-parallel-size 2 needs --ring-attention"),
-    ({"zero_optimization": {"stage": 3}, "ring_attention": {"size": 2}}, ["--ring-attention"], 2,
-     "ZeRO stage 3 with ring attention (ring size 2) is refused"),
+    ({"zero_optimization": {"stage": 3, "reduce_scatter": True}, "ring_attention": {"size": 2}}, ["--ring-attention"],
+     2, "reduce_scatter is true, but with ZeRO-3 and a ring"),
     ({}, ["--ring-attention", "--context-parallel-size", "2", "--attention-dropout", "0.1"], 2,
      "--attention-dropout 0.1"),
 ]

@@ -90,6 +90,7 @@ def runs(tmp_path_factory):
     out["dense"] = deepspeed_run(tmp, "dense", 2, None, 1, ["--exit-interval", "4"])
     out["ring2"] = deepspeed_run(tmp, "ring2", 2, 2, 1, [])
     out["ring2_data2"] = deepspeed_run(tmp, "ring2_data2", 4, 2, 2, ["--exit-interval", "4"])
+    out["ring2_zero3"] = deepspeed_run(tmp, "ring2_zero3", 2, 2, 3, ["--exit-interval", "4"])
     return out
 
 
@@ -99,10 +100,11 @@ def _close(a: dict, b: dict, iterations, rtol: float) -> None:
             assert abs(a[i][key] - b[i][key]) <= rtol * abs(b[i][key]), (i, key, a[i][key], b[i][key])
 
 
-@pytest.mark.parametrize("name", ["ring2", "ring2_data2"])
+@pytest.mark.parametrize("name", ["ring2", "ring2_data2", "ring2_zero3"])
 def test_ring_attention_losses_match_dense_attention(runs, name):
     # dense: 2 ranks of data parallelism, whole sequences, ZeRO-1. ring2: one ring of 2, ZeRO-1.
-    # ring2_data2: 4 ranks = ring 2 × data 2, ZeRO-2. Same global batches, same initial weights.
+    # ring2_data2: 4 ranks = ring 2 × data 2, ZeRO-2. ring2_zero3: one ring of 2, ZeRO-3.
+    # Same global batches, same initial weights.
     dense, ring = runs["dense"], runs[name]
     assert sorted(dense) == [1, 2, 3, 4]
     _close(ring, dense, [1, 2, 3, 4], rtol=1e-5)  # seen: 1e-7

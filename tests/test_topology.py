@@ -65,7 +65,8 @@ def test_mpu_groups_are_megatrons(dist_pool, tensor, ring):
         assert a["ranks"][:2] == (coord.data, coord.ring) and a["ranks"][3] == coord.model
 
 
-@pytest.mark.parametrize("stage,ring,clip", [(1, 2, 0.0), (2, 2, 0.0), (1, 4, 0.0), (2, 2, 1.0)])
+@pytest.mark.parametrize("stage,ring,clip", [(1, 2, 0.0), (2, 2, 0.0), (1, 4, 0.0), (2, 2, 1.0), (3, 2, 0.0),
+                                             (3, 2, 1.0)])
 def test_zero_reduces_over_data_and_ring_with_the_right_scaling(dist_pool, stage, ring, clip):
     # DeepSpeed sums gradients over data × ring and divides by data only; ring_loss makes that the mean.
     # With clipping (DeepSpeed's default is 1.0) the norm must also be taken over the whole model once.
