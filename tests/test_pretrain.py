@@ -111,13 +111,12 @@ def test_ring_attention_losses_match_dense_attention(runs, name):
     assert dense[4]["loss"] < dense[1]["loss"] - 0.05  # it learns: the comparison is not of constants
 
 
-def test_tensor_parallel_ring_matches_tensor_parallel_dense(tmp_path):
-    # 4 ranks: tensor 2 × data 2 without ring attention, and tensor 2 × ring 2 (one set of groups
-    # serves Megatron's tensor parallelism, the ring and ZeRO). Megatron initialises tensor-parallel
-    # weights differently from tp 1, so the reference is the tensor-parallel dense run.
-    dense = deepspeed_run(tmp_path, "tp2_dense", 4, None, 1, ["--exit-interval", "3"], tensor=2)
-    ring = deepspeed_run(tmp_path, "tp2_ring2", 4, 2, 2, ["--exit-interval", "3"], tensor=2)
-    _close(ring, dense, [1, 2, 3], rtol=1e-5)
+def test_tensor_parallel_ring_matches_dense_attention(runs):
+    # 4 ranks = tensor 2 × ring 2, ZeRO-2: one set of groups serves Megatron's tensor parallelism,
+    # the ring and ZeRO. Megatron initialises the full weights on CPU, then splits them, so the
+    # reference is still the dense data-parallel run.
+    ring = deepspeed_run(runs["tmp"], "tp2_ring2", 4, 2, 2, ["--exit-interval", "4"], tensor=2)
+    _close(ring, runs["dense"], [1, 2, 3, 4], rtol=1e-5)
 
 
 def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
