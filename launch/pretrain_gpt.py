@@ -317,14 +317,14 @@ def memory_mb(device: torch.device) -> float:
 
 
 def describe_eval(e: dict, chance: float | None) -> str:
-    text = f"validation loss {e['loss']:.4f}"
+    parts = []
     if e["acc_cross"] is not None:
-        text += f" | recall: fact on another rank {100 * e['acc_cross']:.1f}% ({e['answers_cross']} answers)"
+        parts.append(f"fact on another rank {100 * e['acc_cross']:.1f}% ({e['answers_cross']} answers)")
     if e["acc_same"] is not None:
-        text += f", same rank {100 * e['acc_same']:.1f}% ({e['answers_same']})"
+        parts.append(f"same rank {100 * e['acc_same']:.1f}% ({e['answers_same']})")
     if chance is not None:
-        text += f", chance {100 * chance:.1f}%"
-    return text
+        parts.append(f"chance {100 * chance:.1f}%")
+    return f"validation loss {e['loss']:.4f}" + (" | recall: " + ", ".join(parts) if parts else "")
 
 
 def train(args, config) -> None:
