@@ -33,8 +33,10 @@ def _world(command: list[str]) -> int:
 
 def _demo_command() -> str:
     """`make demo`'s command line, as make would run it."""
-    out = subprocess.run(["make", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    # under `make test` this is a sub-make: drop the parent's flags so no "Entering directory" lines appear
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT,
+                         capture_output=True, text=True, check=True, env=env).stdout
     return out.replace("\\\n", " ")
 
 
