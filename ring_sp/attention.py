@@ -137,21 +137,39 @@ def _slices(block: Block) -> tuple[slice, slice]:
 def _ring_forward(ring, schedule: Schedule, opts: Options, qs, ks, vs, masks) -> tuple[list[Tensor], list[Tensor]]:
     scale = opts.scale(qs[0].shape[-1])
     states = [State.empty(q) for q in qs]
+    outs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in qs]
+    roles = [schedule.roles(position) for position in ring.positions]
+    written: list[list[tuple[int, int]]] = [[] for _ in qs]  # rows whose last block wrote their output
     items = [[k, v] + ([m] if m is not None else []) for k, v, m in zip(ks, vs, masks)]
     for step in range(schedule.n_steps):
         pending = ring.shift(items, 1) if step + 1 < schedule.n_steps else None
         for i, position in enumerate(ring.positions):
             k, v, mask = _unpack(items[i])
-            for block in schedule.steps[step][position]:
+            for block, (fresh, final) in zip(schedule.steps[step][position], roles[i][step]):
                 rows, cols = _slices(block)
                 q_, k_, v_ = qs[i][:, rows], k[:, cols], v[:, cols]
                 m_ = None if mask is None else mask[:, cols]
                 backend = kernels.choose(opts.backend, q_, k_, block.band, m_ is not None, opts.bucket_size)
-                backend.forward(q_, k_, v_, states[i].rows(block.q_start, block.q_stop), block.band, m_, scale)
+                backend.forward(q_, k_, v_, states[i].rows(block.q_start, block.q_stop), block.band, m_, scale,
+                                fresh=fresh, out=outs[i][:, rows] if final else None)
+                if final:
+                    written[i].append((block.q_start, block.q_stop))
         if pending is not None:
             items = pending.wait()
-    outs = [state.output().to(q.dtype) for state, q in zip(states, qs)]
+    for out, state, spans in zip(outs, states, written):
+        for start, stop in _gaps(spans, out.shape[1]):  # rows no single last block covers (or none reached)
+            out[:, start:stop] = state.rows(start, stop).output()
     return outs, [state.lse for state in states]
+
+
+def _gaps(spans: list[tuple[int, int]], n: int) -> list[tuple[int, int]]:
+    """The parts of [0, n) that no (start, stop) span covers."""
+    gaps, at = [], 0
+    for start, stop in sorted(spans):
+        if start > at:
+            gaps.append((at, start))
+        at = max(at, stop)
+    return gaps + ([(at, n)] if at < n else [])
 
 
 def _row_dot(do: Tensor, out: Tensor, dtype: torch.dtype, rows: int = 2048) -> Tensor:

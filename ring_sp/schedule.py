@@ -57,6 +57,26 @@ class Schedule:
         """The ring position whose K/V block ``position`` holds at ``step``."""
         return (position - step) % self.world
 
+    def roles(self, position: int) -> tuple[tuple[tuple[bool, bool], ...], ...]:
+        """``roles(r)[s][j]`` = (fresh, final) of block j of position r at step s.
+
+        fresh: no earlier block of r touches any of its query rows (their state is still empty);
+        final: no later block does (it may write their normalised output). Blocks run in step
+        order, and in list order within a step.
+        """
+        order = [b for step in self.steps for b in step[position]]
+
+        def meets(x: Block, y: Block) -> bool:
+            return x.q_start < y.q_stop and y.q_start < x.q_stop
+
+        flags = [(not any(meets(b, a) for a in order[:n]), not any(meets(b, a) for a in order[n + 1:]))
+                 for n, b in enumerate(order)]
+        out, n = [], 0
+        for step in self.steps:
+            out.append(tuple(flags[n:n + len(step[position])]))
+            n += len(step[position])
+        return tuple(out)
+
 
 def _trim(a: int, b: int, band: Band) -> Block | None:
     """The visible part of an a×b block under ``band``, or None if nothing is visible.

@@ -37,9 +37,11 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
                 bucket_size: int | None = None) -> dict[str, float]:
     """Relative errors of out, lse, dq, dk, dv for two K/V blocks folded one after the other.
 
-    The first block is full (it starts the state), the second has ``band``: the backend must
-    continue the state the first left. The backward is checked for the second block alone,
-    given the final out and lse, as the ring calls it.
+    The first block is full (it starts the state: ``fresh``), the second has ``band``: the backend
+    must continue the state the first left. "written": the second block again, from the same
+    state, writing the normalised output itself (``out``, the rows' last block); "alone": the
+    second block as the only one (fresh and last, as at W = 1). The backward is checked for the
+    second block alone, given the final out and lse, as the ring calls it.
     """
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
@@ -57,20 +59,28 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
     full = Band()
     backend = kernels.get(backend_name, bucket_size)
     state = State.empty(qc)
-    backend.forward(qc, k1c, v1c, state, full, mask_c, scale)
+    backend.forward(qc, k1c, v1c, state, full, mask_c, scale, fresh=True)
+    after_first = State(state.acc.clone(), state.m.clone(), state.lse.clone())
     backend.forward(qc, k2c, v2c, state, band, mask_c, scale)
     out = state.output()
+    written = torch.full_like(qc, float("nan"))
+    backend.forward(qc, k2c, v2c, after_first, band, mask_c, scale, out=written)
+    alone, alone_state = torch.full_like(qc, float("nan")), State.empty(qc)
+    backend.forward(qc, k2c, v2c, alone_state, band, mask_c, scale, fresh=True, out=alone)
 
     # Reference: both blocks at once (keys concatenated), visibility per block.
     vis = torch.cat([torch.ones(sq, sk, dtype=torch.bool), band_pairs(sq, sk, band)], 1)
     kk, vv = torch.cat([k1, k2], 1), torch.cat([v1, v2], 1)
     mm = None if mask is None else torch.cat([mask, mask], 1)
     ref_out, ref_lse = _dense(q, kk, vv, vis, mm, scale)
-    errors = {"out": rel_err(out.cpu(), ref_out)}
-    finite = torch.isfinite(ref_lse)
-    errors["lse"] = rel_err(state.lse.cpu()[finite], ref_lse[finite])
-    if not torch.equal(torch.isfinite(state.lse.cpu()), finite):
-        errors["lse"] = float("inf")
+    ref_alone, ref_alone_lse = _dense(q, k2, v2, band_pairs(sq, sk, band), mask, scale)
+    errors = {"out": rel_err(out.cpu(), ref_out), "written": rel_err(written.cpu(), ref_out),
+              "alone": rel_err(alone.cpu(), ref_alone)}
+    for key, lse, ref in (("lse", state.lse, ref_lse), ("written lse", after_first.lse, ref_lse),
+                          ("alone lse", alone_state.lse, ref_alone_lse)):
+        finite = torch.isfinite(ref)
+        same_support = torch.equal(torch.isfinite(lse.cpu()), finite)
+        errors[key] = rel_err(lse.cpu()[finite], ref[finite]) if same_support else float("inf")
 
     # Backward of the second block given the final out/lse, against autograd of the dense form.
     qr, k2r, v2r = (t.clone().requires_grad_() for t in (q, k2, v2))

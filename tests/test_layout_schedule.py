@@ -115,3 +115,19 @@ def test_striped_uses_strictly_causal_blocks():
     sched = plan("striped", 4, 8, causal=True)
     assert sched.steps[1][0][0].band.kind == "strict"
     assert sched.steps[1][1][0].band.kind == "causal"
+
+
+@pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col", CASES[::3])
+def test_roles_say_which_block_first_and_last_touches_its_rows(layout, world, n, causal, lookback, reduce_col):
+    sched = plan(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col)
+    for r in range(world):
+        roles = sched.roles(r)
+        assert [len(x) for x in roles] == [len(step[r]) for step in sched.steps]
+        done = [(set(range(b.q_start, b.q_stop)), flags) for step, fl in zip(sched.steps, roles)
+                for b, flags in zip(step[r], fl)]
+        for i, (rows, (fresh, final)) in enumerate(done):
+            before = set().union(*(x for x, _ in done[:i]))
+            after = set().union(*(x for x, _ in done[i + 1:]))
+            assert fresh == (not rows & before) and final == (not rows & after), (r, i)
+        if lookback is None and (world == 1 or layout == "contiguous"):  # every output written by its last block
+            assert set().union(*(x for x, (_, final) in done if final)) == set().union(*(x for x, _ in done))

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ring_sp.kernels.band import Band
-from ring_sp.kernels.sdpa_backend import accumulate, merge
+from ring_sp.kernels.sdpa_backend import accumulate, fold
 from ring_sp.kernels.state import State
 
 log = logging.getLogger("ring_sp")
@@ -69,10 +69,10 @@ class FlashAttnBackend:
         return out, lse
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None,
-                scale: float) -> None:
+                scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
         row0, n_keys, causal, window = self._call_shape(band, q.shape[1], k.shape[1])
-        out, lse = self._attend(q[:, row0:], k[:, :n_keys], v[:, :n_keys], causal, window, scale)
-        merge(state.rows(row0, q.shape[1]), out, lse.float())
+        o, lse = self._attend(q[:, row0:], k[:, :n_keys], v[:, :n_keys], causal, window, scale)
+        fold(state, row0, o, lse.float(), fresh=fresh, out=out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:

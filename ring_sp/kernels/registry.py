@@ -34,8 +34,13 @@ class Backend(Protocol):
         """Why this backend cannot compute such a block, or None if it can."""
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None, scale: float
-    ) -> None: ...
+        self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None, scale: float,
+        *, fresh: bool = False, out: Tensor | None = None,
+    ) -> None:
+        """Fold K/V block (k, v) into ``state`` of query rows q. ``fresh``: the state holds no keys yet
+        (empty, as ``State.empty`` made it; a backend may skip reading it). ``out`` (shaped like q): no
+        later block reaches these rows: write their normalised output there; ``state.acc`` may then be
+        left stale, ``state.m`` and ``state.lse`` are final."""
 
     def backward(
         self,

@@ -108,6 +108,25 @@ def merge(state: State, out: Tensor, lse: Tensor) -> None:
     state.m.copy_(m_new)
 
 
+def fold(state: State, row0: int, o: Tensor, lse: Tensor, *, fresh: bool, out: Tensor | None) -> None:
+    """Fold a normalised result (o (b, s − row0, h, d), lse (b, h, s − row0)) of rows row0: (rows
+    above see nothing of the block) into ``state``, as ``Backend.forward`` with ``fresh`` and ``out``."""
+    rows = state.rows(row0, state.m.shape[-1])
+    if not fresh:
+        merge(rows, o, lse)
+        state.finish(out)
+        return
+    # An empty state merged with (o, lse) is (acc = o, m = lse, lse): no merge pass; rows above
+    # row0 stay empty.
+    rows.m.copy_(lse)
+    rows.lse.copy_(lse)
+    if out is None:
+        rows.acc.copy_(o)
+    else:
+        out[:, row0:].copy_(o)
+        out[:, :row0].zero_()
+
+
 def _merge_triton(state: State, out: Tensor, lse: Tensor) -> None:
     import triton
 
@@ -174,14 +193,16 @@ class SdpaBackend:
         return band.lo, min(sk, sq - band.lo), True
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None,
-                scale: float) -> None:
+                scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
         op = self._op(q)
-        row0, n_keys, causal = self._shifted(band, q.shape[1], k.shape[1])
-        if row0 >= q.shape[1] or n_keys <= 0:
+        sq = q.shape[1]
+        row0, n_keys, causal = self._shifted(band, sq, k.shape[1])
+        if row0 >= sq or n_keys <= 0:
+            state.finish(out)
             return
         k, v = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
-        out, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
-        merge(state.rows(row0, q.shape[1]), out.transpose(1, 2), lse.to(state.lse.dtype))
+        o, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
+        fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:

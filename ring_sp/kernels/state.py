@@ -44,3 +44,9 @@ class State:
         """Normalised output (batch, seq, heads, head_dim) in the state's dtype; 0 where no key was seen."""
         scale = torch.where(torch.isfinite(self.lse), torch.exp(self.m - self.lse), 0.0)
         return self.acc * scale.transpose(1, 2).unsqueeze(-1)
+
+    def finish(self, out: Tensor | None) -> None:
+        """Write the normalised output into ``out`` (any dtype), if given: for backends that do not
+        normalise in their last step."""
+        if out is not None:
+            out.copy_(self.output())

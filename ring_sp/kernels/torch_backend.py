@@ -70,7 +70,7 @@ class TorchBackend:
                     yield slice(q0, q0 + tq), slice(k0, k0 + tk), full
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band,
-                key_mask: Tensor | None, scale: float) -> None:
+                key_mask: Tensor | None, scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
@@ -91,6 +91,7 @@ class TorchBackend:
             acc[:, rows] = acc[:, rows] * alpha.permute(0, 3, 1, 2).unsqueeze(-1) + pv
             lse_all[..., rows] = m_ref + torch.log(torch.exp(lse_all[..., rows] - m_ref) + p.sum(-1))
             m_all[..., rows] = m_new
+        state.finish(out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:

@@ -74,8 +74,10 @@ class TritonBackend:
         return None
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None,
-                scale: float) -> None:
+                scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
         q, k, v = _last_contiguous(q), _last_contiguous(k), _last_contiguous(v)
+        if out is not None:
+            assert out.shape == q.shape and out.stride(-1) == 1
         b, sq, h, d = q.shape
         sk, hk = k.shape[1], k.shape[2]
         block_m, block_n, warps, stages = config("fwd", d)
@@ -83,15 +85,18 @@ class TritonBackend:
         mask, smb, sms = _mask_arg(key_mask, q)
         lo, hi, has_lo, has_hi = _band_args(band)
         acc, m, lse = state.acc, state.m, state.lse
+        o = acc if out is None else out
         grid = (triton.cdiv(sq, block_m), b * h)
         tk.forward_kernel[grid](
-            q, k, v, mask, acc, m, lse,
+            q, k, v, mask, acc, m, lse, o,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), smb, sms,
             acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1), m.stride(2),
+            o.stride(0), o.stride(1), o.stride(2),
             h, h // hk, sq, sk, d, scale * tk.LOG2E, lo, hi,
             HAS_LO=has_lo, HAS_HI=has_hi, HAS_MASK=key_mask is not None, EVEN_D=block_d == d,
-            IEEE=q.dtype == torch.float32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            IEEE=q.dtype == torch.float32, LOAD_ACCUMULATED=not fresh, NORMALIZE=out is not None,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             num_warps=warps, num_stages=stages,
         )
         # lse and m share strides: the kernel indexes both with m's.

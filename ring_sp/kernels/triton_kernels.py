@@ -140,22 +140,32 @@ _VARYING = ["lo", "hi"]
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def forward_kernel(Q, K, V, Mask, Acc, M, Lse,
+def forward_kernel(Q, K, V, Mask, Acc, M, Lse, Out,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_mb, stride_ms, stride_ab, stride_as, stride_ah, stride_lb, stride_lh, stride_ls,
+                   stride_ob, stride_os, stride_oh,
                    H, G, SQ, SK, D, scale2, lo, hi,
                    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
-                   IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   IEEE: tl.constexpr, LOAD_ACCUMULATED: tl.constexpr, NORMALIZE: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Fold one K/V block into the state (Acc, M, Lse). LOAD_ACCUMULATED: continue the stored state
+    (else it holds no keys yet and is not read). NORMALIZE: the rows' last block: write the
+    normalised output to Out (its dtype) instead of Acc; M and Lse are stored either way."""
     b, h, hk, m0, offs_m, offs_d, row_ok, qd_mask = _row_program(H, G, SQ, D, HAS_LO, BLOCK_M, BLOCK_D)
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask,
                 other=0.0)
     acc_ptrs = Acc + b * stride_ab + h * stride_ah + offs_m[:, None] * stride_as + offs_d[None, :]
-    acc = tl.load(acc_ptrs, mask=qd_mask, other=0.0)
     stat = b * stride_lb + h * stride_lh + offs_m * stride_ls
-    m_i = tl.load(M + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-    lse2 = tl.load(Lse + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
-    l_i = tl.where(m_i == float("-inf"), 0.0, tl.math.exp2(lse2 - m_i))
+    if LOAD_ACCUMULATED:
+        acc = tl.load(acc_ptrs, mask=qd_mask, other=0.0)
+        m_i = tl.load(M + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        lse2 = tl.load(Lse + stat, mask=row_ok, other=float("-inf")) * 1.4426950408889634
+        l_i = tl.where(m_i == float("-inf"), 0.0, tl.math.exp2(lse2 - m_i))
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
 
     k_base = K + b * stride_kb + hk * stride_kh
     v_base = V + b * stride_vb + hk * stride_vh
@@ -172,7 +182,12 @@ def forward_kernel(Q, K, V, Mask, Acc, M, Lse,
                                offs_m, offs_d, full_last, last, SK, D, scale2, lo, hi,
                                True, HAS_LO, HAS_HI, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
 
-    tl.store(acc_ptrs, acc, mask=qd_mask)
+    if NORMALIZE:  # rows that saw no key get 0
+        o = acc * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
+        out_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
+        tl.store(out_ptrs, o.to(Out.dtype.element_ty), mask=qd_mask)
+    else:
+        tl.store(acc_ptrs, acc, mask=qd_mask)
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     tl.store(M + stat, m_i / 1.4426950408889634, mask=row_ok)
     tl.store(Lse + stat, (m_ref + tl.math.log2(l_i)) / 1.4426950408889634, mask=row_ok)
