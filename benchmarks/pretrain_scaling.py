@@ -1,0 +1,305 @@
+"""Long-context pretraining on one node (issue 7): how long a context trains, how fast, and whether
+ring attention learns what the same model learns without it.
+
+Runs ``launch/pretrain_gpt.py`` under the DeepSpeed launcher again and again, one process per GPU
+(or per CPU rank, gloo, tiny sizes), and collects what each run's metrics file says.
+
+Parts (``--parts``, default both):
+
+- ``scaling``: for every setup (``--setups``), sequence lengths doubling from ``--start-seq`` up to
+  ``--max-seq`` or the first out-of-memory: tokens/s per GPU (median over the iterations after
+  the first two), model FLOPs utilisation and rank 0's peak memory. A setup is
+  ``NAME:ring=R,tp=T``; ``ring=0`` is the baseline, the same model with dense attention on
+  whole sequences (data parallel). Micro batch 1 per rank, one sequence per data replica.
+- ``loss``: the first ``--loss-iters`` steps of two setups (``--loss-setups A B``, e.g. ring 8
+  and ring 2 × data 4) on the same data and global batch (gradient accumulation makes up the
+  difference), overlaid in ``loss.png``, with their largest relative loss difference.
+
+MFU = tokens/s per GPU × model FLOPs per token ÷ the GPU's peak bf16 FLOP/s (``--peak-tflops``;
+989 for H100 / H200 SXM). Model FLOPs per token, training, as Megatron-LM counts them: 6 × the
+matmul parameters (QKV, output projection, MLP, logits) + 6 · layers · seq · heads · head_dim for
+causal attention (half of the full 12). Recomputation is not counted: it is hardware work.
+
+    python benchmarks/pretrain_scaling.py --out benchmarks/results/h200x8-pretrain      # 8 GPUs
+    python benchmarks/pretrain_scaling.py --out /tmp/ps --nproc 2 --dry-run              # CPU, tiny
+
+Writes ``results.md``, ``results.json`` (every number, command, environment) and ``scaling.png``
+/ ``loss.png`` into ``--out``; each run's log and metrics file go to ``--out/runs/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# A Llama-style model of the 1B class (TinyLlama's shape, 1.0B parameters): GQA, RoPE, SwiGLU,
+# RMSNorm, no biases, bf16; full recomputation of every layer on GPUs.
+LLAMA_1B = ("--num-layers 22 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 32 "
+            "--num-query-groups 4 --position-embedding-type rope --swiglu --normalization RMSNorm "
+            "--disable-bias-linear --bf16 --lr 3e-4 --lr-warmup-iters 10")
+TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --swiglu "
+        "--normalization RMSNorm --disable-bias-linear --lr 1e-2")
+
+
+def parse_setup(text: str) -> tuple[str, int, int]:
+    """``NAME:ring=R,tp=T`` → (name, ring, tp)."""
+    name, _, spec = text.partition(":")
+    values = {"ring": 1, "tp": 1}
+    for item in filter(None, spec.split(",")):
+        key, _, value = item.partition("=")
+        if key not in values or not value.isdigit():
+            raise ValueError(f"--setups {text!r}: write NAME:ring=R,tp=T (ring=0: dense attention baseline)")
+        values[key] = int(value)
+    return name, values["ring"], values["tp"]
+
+
+def flops_per_token(model_args: list[str], seq: int) -> float:
+    """Training model FLOPs per token (see the module docstring)."""
+    from launch import data
+    from launch.pretrain_gpt import build_parser
+
+    a = build_parser().parse_args(model_args + ["--seq-length", str(seq)])
+    h, heads = a.hidden_size, a.num_attention_heads
+    dh, groups = h // heads, a.num_query_groups or heads
+    ffn = a.ffn_hidden_size or 4 * h
+    vocab = a.vocab_size or data.RecallTask(seq, a.recall_keys, a.recall_values).vocab_size
+    per_layer = h * dh * (heads + 2 * groups) + heads * dh * h + (3 if a.swiglu else 2) * h * ffn
+    matmul = a.num_layers * per_layer + h * vocab
+    return 6 * matmul + 6 * a.num_layers * seq * heads * dh
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(base: dict, path: str, ring: int, global_batch: int) -> None:
+    config = {k: v for k, v in base.items() if not k.startswith("_") and k != "gradient_accumulation_steps"}
+    config.update(train_micro_batch_size_per_gpu=1, train_batch_size=global_batch)
+    if ring:
+        config["ring_attention"] = {**base.get("ring_attention", {}), "size": ring}
+    else:
+        config.pop("ring_attention", None)
+    with open(path, "w") as f:
+        json.dump(config, f, indent=1)
+
+
+def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_batch: int) -> dict:
+    """One launch of the job; returns its command, status and per-iteration metrics."""
+    tag = f"{name}-seq{seq}-it{iters}"
+    runs = os.path.join(opts.out, "runs")
+    os.makedirs(runs, exist_ok=True)
+    config, metrics, log = (os.path.join(runs, f"{tag}.{ext}") for ext in ("json", "jsonl", "log"))
+    for path in (metrics,):
+        if os.path.exists(path):
+            os.remove(path)
+    with open(opts.config) as f:
+        write_config(json.load(f), config, ring, global_batch)
+    command = [*opts.deepspeed, "--num_gpus", str(opts.nproc), "--master_port", str(_port()),
+               os.path.join(ROOT, "launch", "pretrain_gpt.py"), "--deepspeed_config", config,
+               *(["--ring-attention"] if ring else []), "--tensor-model-parallel-size", str(tp),
+               "--seq-length", str(seq), *opts.model_args, "--train-iters", str(iters), "--eval-interval",
+               str(iters), "--eval-iters", "1", "--no-progress", "--metrics-file", metrics]
+    print(f"[{tag}] {shlex.join(command)}", flush=True)
+    with open(log, "w") as out:
+        try:
+            done = subprocess.run(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, timeout=opts.run_timeout)
+            code = done.returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    text = open(log, errors="replace").read()
+    rows = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
+    train = [r for r in rows if r["kind"] == "train"]
+    status = "ok" if code == 0 and len(train) == iters else (
+        "out of memory" if "out of memory" in text.lower() or "OutOfMemoryError" in text else f"failed ({code})")
+    if status.startswith("failed"):
+        print(f"[{tag}] {status}; the end of its log:\n{text[-3000:]}", flush=True)
+    return {"name": name, "ring": ring, "tp": tp, "seq": seq, "status": status, "command": shlex.join(command),
+            "log": os.path.relpath(log, opts.out), "train": train}
+
+
+def scaling(opts) -> list[dict]:
+    results = []
+    for name, ring, tp in map(parse_setup, opts.setups):
+        replicas = opts.nproc // (max(ring, 1) * tp)
+        seq = opts.start_seq
+        while seq <= opts.max_seq:
+            r = run_job(opts, name, ring, tp, seq, opts.iters, replicas)
+            timed = r["train"][2:] or r["train"]
+            if r["status"] == "ok":
+                r["tokens_per_s_per_gpu"] = statistics.median(t["tokens_per_s"] for t in timed) / opts.nproc
+                r["flops_per_token"] = flops_per_token(opts.model_args, seq)
+                r["mfu"] = (r["tokens_per_s_per_gpu"] * r["flops_per_token"] / (opts.peak_tflops * 1e12)
+                            if opts.peak_tflops else None)
+                r["peak_memory_mb"] = max(t["memory_mb"] for t in r["train"])
+            results.append(r)
+            print(f"[{name} seq {seq}] {r['status']}"
+                  + (f": {r['tokens_per_s_per_gpu']:.0f} tokens/s per GPU, {r['peak_memory_mb']:.0f} MB"
+                     if r["status"] == "ok" else ""), flush=True)
+            if r["status"] != "ok":
+                break
+            seq *= 2
+    return results
+
+
+def loss_overlay(opts) -> dict:
+    setups = [parse_setup(s) for s in opts.loss_setups]
+    runs = [run_job(opts, name, ring, tp, opts.loss_seq, opts.loss_iters, opts.loss_batch)
+            for name, ring, tp in setups]
+    out = {"setups": [name for name, _, _ in setups], "seq": opts.loss_seq, "global_batch": opts.loss_batch,
+           "runs": runs}
+    if all(r["status"] == "ok" for r in runs):
+        a, b = ([t["loss"] for t in r["train"]] for r in runs)
+        out["max_rel_loss_diff"] = max(abs(x - y) / abs(y) for x, y in zip(a, b))
+    return out
+
+
+def environment() -> dict:
+    import torch
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
+    for module in ("triton", "deepspeed", "megatron.core"):
+        try:
+            versions[module] = __import__(module, fromlist=["x"]).__version__
+        except Exception as e:  # noqa: BLE001 - reported, not fatal
+            versions[module] = f"unavailable ({type(e).__name__})"
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU ranks, gloo)"
+    return {"gpu": gpu, "versions": versions, "date": datetime.date.today().isoformat()}
+
+
+def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None:
+    lines = [f"# Pretraining on one node: {opts.nproc} ranks", "",
+             f"{env['gpu']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; {env['date']}", "",
+             f"Command: `{shlex.join([sys.executable, *sys.argv])}`", "",
+             f"Model flags: `{shlex.join(opts.model_args)}`", ""]
+    if scaled:
+        lines += ["## Sequence length", "", "| setup | seq | status | tokens/s per GPU | MFU | peak memory (MB) |",
+                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+        for r in scaled:
+            ok = r["status"] == "ok"
+            mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] is not None else "—"
+            lines.append(f"| {r['name']} | {r['seq']} | {r['status']} | "
+                         + (f"{r['tokens_per_s_per_gpu']:.0f} | {mfu} | {r['peak_memory_mb']:.0f} |" if ok
+                            else "— | — | — |"))
+        longest = {}
+        for r in scaled:
+            if r["status"] == "ok":
+                longest[r["name"]] = max(longest.get(r["name"], 0), r["seq"])
+        lines += ["", "Longest context that trained: " + ", ".join(f"{n} {s}" for n, s in longest.items()), ""]
+    if loss:
+        diff = loss.get("max_rel_loss_diff")
+        lines += ["## Loss, two setups on the same data", "",
+                  f"{loss['setups'][0]} vs {loss['setups'][1]}, seq {loss['seq']}, "
+                  f"global batch {loss['global_batch']}: "
+                  + (f"largest relative loss difference over {opts.loss_iters} steps {diff:.2e} (`loss.png`)"
+                     if diff is not None else "did not complete: " + ", ".join(r["status"] for r in loss["runs"])), ""]
+    with open(os.path.join(opts.out, "results.md"), "w") as f:
+        f.write("\n".join(lines))
+    with open(os.path.join(opts.out, "results.json"), "w") as f:
+        json.dump({"environment": env, "argv": sys.argv, "scaling": scaled, "loss": loss}, f, indent=1)
+    plot(opts.out, scaled, loss)
+    print("\n".join(lines), flush=True)
+
+
+def plot(out: str, scaled: list[dict], loss: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in scaled if r["status"] == "ok"]
+    if ok:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for name in dict.fromkeys(r["name"] for r in ok):
+            rows = [r for r in ok if r["name"] == name]
+            axes[0].plot([r["seq"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows], "o-", label=name)
+            axes[1].plot([r["seq"] for r in rows], [r["peak_memory_mb"] / 1024 for r in rows], "o-", label=name)
+        for ax, label in zip(axes, ("tokens/s per GPU", "peak memory, rank 0 (GiB)")):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("sequence length")
+            ax.set_ylabel(label)
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "scaling.png"), dpi=110)
+        plt.close(fig)
+    if loss and all(r["status"] == "ok" for r in loss["runs"]):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r, style in zip(loss["runs"], ("-", "--")):
+            ax.plot([t["iteration"] for t in r["train"]], [t["loss"] for t in r["train"]], style, lw=1, label=r["name"])
+        ax.set_xlabel("iteration")
+        ax.set_ylabel("training loss")
+        ax.set_title(f"seq {loss['seq']}, global batch {loss['global_batch']}", fontsize=9)
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "loss.png"), dpi=110)
+        plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    gpus = torch.cuda.device_count()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--parts", default="scaling,loss")
+    p.add_argument("--nproc", type=int, default=gpus or 2, help="ranks (default: the GPUs, else 2 CPU ranks)")
+    p.add_argument("--dry-run", action="store_true", help="tiny model and lengths (what CPU runs use anyway)")
+    p.add_argument("--config", default=None, help="base DeepSpeed config (default: node_8gpu.json, cpu_demo.json)")
+    p.add_argument("--model", default=None, help=f"model and training flags (default: {LLAMA_1B!r})")
+    p.add_argument("--setups", nargs="+", default=None,
+                   help="NAME:ring=R,tp=T ... (default: ring8, tp2ring4, dense baseline; CPU: ring2, dense)")
+    p.add_argument("--start-seq", type=int, default=None)
+    p.add_argument("--max-seq", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="training steps per scaling run")
+    p.add_argument("--loss-setups", nargs=2, default=None,
+                   help="two setups, NAME:ring=R,tp=T (default: ring 8 and ring 2 × data 4; below 4 ranks: "
+                        "ring W and dense)")
+    p.add_argument("--loss-seq", type=int, default=None)
+    p.add_argument("--loss-iters", type=int, default=None)
+    p.add_argument("--loss-batch", type=int, default=None, help="global batch of the loss runs")
+    p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default 989 on GPUs)")
+    p.add_argument("--run-timeout", type=float, default=1800)
+    opts = p.parse_args(argv)
+    tiny = opts.dry_run or not gpus
+    n = opts.nproc
+    defaults = dict(
+        config=os.path.join(ROOT, "deepspeed_configs", "node_8gpu.json" if gpus else "cpu_demo.json"),
+        model=(TINY + (" --bf16" if gpus else "")) if tiny else LLAMA_1B + " --recompute-granularity full",
+        setups=[f"ring{n}:ring={n}", "dense:ring=0"] + ([f"tp2ring{n // 2}:ring={n // 2},tp=2"] if n >= 4 else []),
+        start_seq=64 if tiny else 32768, max_seq=128 if tiny else 2**21, iters=3 if tiny else 10,
+        loss_setups=[f"ring{n}:ring={n}", f"ring2data{n // 2}:ring=2" if n >= 4 else "dense:ring=0"],
+        loss_seq=64 if tiny else 32768, loss_iters=4 if tiny else 300, loss_batch=n,
+        peak_tflops=None if not gpus else 989.0)
+    for key, value in defaults.items():
+        if getattr(opts, key) is None:
+            setattr(opts, key, value)
+    opts.model_args = shlex.split(opts.model)
+    # the launcher's module, so a DeepSpeed installed with --target (no bin/ script) works too
+    opts.deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    os.makedirs(opts.out, exist_ok=True)
+    parts = opts.parts.split(",")
+    if set(parts) - {"scaling", "loss"}:
+        raise ValueError(f"--parts {opts.parts!r}: choose from scaling, loss")
+    env = environment()
+    scaled = scaling(opts) if "scaling" in parts else []
+    loss = loss_overlay(opts) if "loss" in parts else None
+    write_report(opts, env, scaled, loss)
+    broken = [r for r in scaled if r["status"].startswith("failed")]
+    broken += [r for r in (loss or {}).get("runs", []) if r["status"] != "ok"]
+    return 1 if broken else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
