@@ -59,6 +59,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
+    g = p.add_argument_group("activation recompute (Megatron's flags)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: keep only each layer chunk's input and run its forward again in backward "
+                        "(--recompute-method, --recompute-num-layers; default: uniform, 1 layer, i.e. every layer); "
+                        "selective: recompute only core attention, here the ring attention (the ring's forward, "
+                        "K/V passing included, runs again in backward). Default: no recompute")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron-LM's shorthand for --recompute-granularity selective")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: uniform (default) splits the layers into chunks of "
+                        "--recompute-num-layers and recomputes every chunk; block recomputes the first "
+                        "--recompute-num-layers layers and keeps the others' activations")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with --recompute-granularity full: layers per chunk (uniform) or layers recomputed "
+                        "(block); default 1")
     g = p.add_argument_group("parallelism (Megatron's flags)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
@@ -127,7 +142,42 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         raise ValueError("--data-path needs --vocab-size (the vocabulary size of the tokenizer that made the data)")
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save DIR")
+    check_recompute(args)
     return args, config
+
+
+def check_recompute(args) -> None:
+    """Megatron-LM's recompute flags → what TransformerConfig accepts; ValueError naming the flag if they clash.
+
+    --recompute-activations = --recompute-granularity selective. Full recompute defaults to
+    --recompute-method uniform, --recompute-num-layers 1; selective takes neither (it recomputes
+    core attention in every layer)."""
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ValueError("--recompute-activations means --recompute-granularity selective, but the command line "
+                             "says --recompute-granularity full: give one of them")
+        args.recompute_granularity = "selective"
+    given = [flag for flag, value in (("--recompute-method", args.recompute_method),
+                                      ("--recompute-num-layers", args.recompute_num_layers)) if value is not None]
+    if args.recompute_granularity is None:
+        if given:
+            raise ValueError(f"{given[0]} needs --recompute-granularity full")
+        return
+    if args.recompute_granularity == "selective":
+        if given:
+            raise ValueError(f"{given[0]} applies to --recompute-granularity full only: selective recompute "
+                             "recomputes core attention in every layer")
+        return
+    if args.recompute_method is None:
+        args.recompute_method = "uniform"
+    if args.recompute_num_layers is None:
+        args.recompute_num_layers = 1
+    n, layers = args.recompute_num_layers, args.num_layers
+    if not 1 <= n <= layers:
+        raise ValueError(f"--recompute-num-layers {n}: use 1 to --num-layers ({layers})")
+    if args.recompute_method == "uniform" and layers % n:
+        raise ValueError(f"--recompute-num-layers {n} with --recompute-method uniform: it must divide --num-layers "
+                         f"{layers} (the layers are recomputed in chunks of that many)")
 
 
 def init_distributed(args) -> tuple[torch.device, object]:
@@ -153,6 +203,21 @@ def init_distributed(args) -> tuple[torch.device, object]:
     return device, mpu
 
 
+def cpu_recompute_rng() -> None:
+    """Let Megatron-core's activation recompute run on CPU.
+
+    ``megatron.core.tensor_parallel.checkpoint`` saves the CPU and the CUDA RNG state before a
+    checkpointed forward and restores both for its recompute, so that dropout draws the same
+    masks again; the CUDA half calls torch.cuda unconditionally ("Torch not compiled with CUDA
+    enabled" on a CPU-only torch; megatron's model_parallel_cuda_manual_seed fails the same way).
+    On CPU only the CPU generator draws, and megatron saves and restores that one itself: the
+    CUDA half becomes a no-op. Process-wide; call it only when the job's device is the CPU."""
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
 def build_model(args, vocab_size: int):
     """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank."""
     from megatron.core.models.gpt import GPTModel
@@ -171,7 +236,9 @@ def build_model(args, vocab_size: int):
         init_method_std=args.init_method_std, tensor_model_parallel_size=args.tensor_model_parallel_size,
         context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False)
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers)
     common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
                   position_embedding_type=args.position_embedding_type)
     if args.ring_attention:
@@ -233,6 +300,8 @@ class Job:
         vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
         while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
             vocab += 128
+        if args.recompute_granularity and device.type == "cpu":
+            cpu_recompute_rng()
         torch.manual_seed(args.seed)
         model = build_model(args, vocab)
         if config.get("zero_optimization", {}).get("stage", 0) == 3:
@@ -327,6 +396,18 @@ def describe_eval(e: dict, chance: float | None) -> str:
     return f"validation loss {e['loss']:.4f}" + (" | recall: " + ", ".join(parts) if parts else "")
 
 
+def describe_recompute(config) -> str:
+    """The activation recompute the built model does, from its TransformerConfig ("" for none)."""
+    n = config.recompute_num_layers
+    if config.recompute_granularity == "full" and config.recompute_method == "uniform":
+        return f" | recompute full (uniform: chunks of {n} layer{'s' if n > 1 else ''})"
+    if config.recompute_granularity == "full":
+        return f" | recompute full (block: the first {n} of {config.num_layers} layers)"
+    if config.recompute_granularity == "selective":
+        return f" | recompute selective ({', '.join(config.recompute_modules)})"
+    return ""
+
+
 def train(args, config) -> None:
     device, mpu = init_distributed(args)
     job = Job(args, config, device, mpu)
@@ -340,6 +421,7 @@ def train(args, config) -> None:
               f"{sum(getattr(p, 'ds_numel', p.numel()) for p in job.engine.module.parameters()) / 1e6:.2f}M "
               f"parameters per tensor-parallel rank | "
               f"global batch {config['train_batch_size']} × {args.seq_length} tokens"
+              + describe_recompute(job.engine.module.config)
               + (f" | resumed after iteration {start}" if start else ""), flush=True)
     bar = None
     if rank0 and args.progress:

@@ -67,6 +67,18 @@ def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):
     assert config["gradient_accumulation_steps"] == 2 and "ring_attention" not in config
 
 
+def test_recompute_flags_as_megatron_lm_takes_them(monkeypatch):
+    args, _ = _check(monkeypatch, 1, [])
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == (None, None, None)
+    args, _ = _check(monkeypatch, 1, ["--recompute-granularity", "full"])  # the defaults: every layer
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "uniform", 1)
+    args, _ = _check(monkeypatch, 1, ["--recompute-granularity", "full", "--recompute-method", "block",
+                                      "--num-layers", "4", "--recompute-num-layers", "3"])
+    assert (args.recompute_method, args.recompute_num_layers) == ("block", 3)
+    args, _ = _check(monkeypatch, 1, ["--recompute-activations"])
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("selective", None, None)
+
+
 BAD = [
     ({"train_micro_batch_size": 2}, [], 2, "unknown key 'train_micro_batch_size' (did you mean "
                                            "'train_micro_batch_size_per_gpu'?)"),
@@ -95,6 +107,16 @@ BAD = [
      2, "reduce_scatter is true, but with ZeRO-3 and a ring"),
     ({}, ["--ring-attention", "--context-parallel-size", "2", "--attention-dropout", "0.1"], 2,
      "--attention-dropout 0.1"),
+    ({}, ["--recompute-method", "block"], 2, "--recompute-method needs --recompute-granularity full"),
+    ({}, ["--recompute-granularity", "selective", "--recompute-num-layers", "1"], 2,
+     "--recompute-num-layers applies to --recompute-granularity full only"),
+    ({}, ["--recompute-activations", "--recompute-granularity", "full"], 2,
+     "--recompute-activations means --recompute-granularity selective, but the command line says "
+     "--recompute-granularity full"),
+    ({}, ["--recompute-granularity", "full", "--recompute-num-layers", "3", "--num-layers", "2"], 2,
+     "--recompute-num-layers 3: use 1 to --num-layers (2)"),
+    ({}, ["--recompute-granularity", "full", "--recompute-num-layers", "2", "--num-layers", "3"], 2,
+     "--recompute-num-layers 2 with --recompute-method uniform: it must divide --num-layers 3"),
 ]
 
 
