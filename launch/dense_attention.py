@@ -1,8 +1,10 @@
 """Plain dense causal attention as a Megatron-core core attention: the run *without* ring attention.
 
-Megatron's own ``DotProductAttention`` needs CUDA (FACTS.md), so on CPU the baseline the ring
-runs are compared with is this: PyTorch's ``scaled_dot_product_attention`` over the whole,
-unsharded sequence. It refuses a context-parallel size above 1.
+PyTorch's ``scaled_dot_product_attention`` over the whole, unsharded sequence: the baseline the
+ring runs are compared with, on CPU (Megatron's own ``DotProductAttention`` needs CUDA, FACTS.md)
+and on GPUs (where SDPA runs flash / cuDNN, while Megatron's local attention materialises the
+seq × seq scores and would make a weak long-context baseline). It refuses a context-parallel
+size above 1.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ nothing can hang. The rules:
 
 - Top-level keys must be DeepSpeed keys this job uses (``KNOWN_KEYS``) or ``"ring_attention"``;
   keys starting with ``_`` are comments. ``"optimizer"`` / ``"scheduler"`` are refused: the job
-  builds AdamW and its schedule from Megatron's flags (``--lr``, ``--lr-decay-style``, ...).
+  builds AdamW and its schedule from Megatron's flags (``--lr``, ``--lr-decay-style``, ...);
+  so is ``"activation_checkpointing"`` (``--recompute-granularity`` does it).
 - ``"ring_attention"``: ``size`` (= ``--context-parallel-size``), ``layout``, ``backend``,
   ``max_lookback``, ``reduce_col``, ``bucket_size``; it needs ``--ring-attention``.
 - A value given both in the file and explicitly on the command line must agree; what only one
@@ -39,7 +40,7 @@ KNOWN_KEYS = {
     "wall_clock_breakdown", "memory_breakdown", "dump_state", "bf16", "fp16", "torch_autocast", "data_types",
     "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "gradient_clipping",
     "prescale_gradients", "gradient_predivide_factor", "communication_data_type", "disable_allgather",
-    "seq_parallel_communication_data_type", "activation_checkpointing", "flops_profiler", "comms_logger",
+    "seq_parallel_communication_data_type", "flops_profiler", "comms_logger",
     "tensorboard", "wandb", "csv_monitor", "checkpoint", "aio", "sparse_gradients", "dataloader_drop_last",
     "ring_attention",
 }
@@ -124,6 +125,10 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
             raise ValueError(f"{source}: {key!r} is not read by this job, which builds AdamW and its learning-rate "
                              "schedule from Megatron's flags (--lr, --min-lr, --lr-warmup-iters, --lr-decay-style, "
                              "--weight-decay, --adam-beta1/2): remove the section and pass those flags")
+        if key == "activation_checkpointing":
+            raise ValueError(f"{source}: 'activation_checkpointing' is not read by this job (the model does not call "
+                             "DeepSpeed's checkpointing): remove it and pass Megatron's --recompute-granularity full "
+                             "(or --recompute-activations for attention only)")
         if key not in KNOWN_KEYS:
             raise _unknown(key, KNOWN_KEYS, source)
     config = {k: v for k, v in config.items() if not k.startswith("_")}

@@ -243,11 +243,12 @@ def build_model(args, vocab_size: int):
                   position_embedding_type=args.position_embedding_type)
     if args.ring_attention:
         return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
-    spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    if not torch.cuda.is_available():  # Megatron's DotProductAttention needs CUDA
-        from launch.dense_attention import DenseCoreAttention
+    # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
+    # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
+    from launch.dense_attention import DenseCoreAttention
 
-        spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
+    spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
     model = GPTModel(config, transformer_layer_spec=spec, **common)
     if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
         LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")

@@ -100,6 +100,8 @@ BAD = [
     ({"train_batch_size": 6, "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1}, [], 2,
      "train_batch_size 6 != micro batch 2 × gradient_accumulation_steps 1 × data-parallel size 2"),
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, [], 2, "builds AdamW and its learning-rate schedule"),
+    ({"activation_checkpointing": {"partition_activations": True}}, [], 2,
+     "'activation_checkpointing' is not read by this job"),
     ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], 2, "zero_optimization is invalid"),
     ({"bf16": {"enabled": False}}, ["--bf16"], 2, "bf16.enabled is False but the command line says --bf16 True"),
     ({}, ["--context-parallel-size", "2"], 2, "--context-parallel-size 2 needs --ring-attention"),
