@@ -102,9 +102,8 @@ def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_ba
     runs = os.path.join(opts.out, "runs")
     os.makedirs(runs, exist_ok=True)
     config, metrics, log = (os.path.join(runs, f"{tag}.{ext}") for ext in ("json", "jsonl", "log"))
-    for path in (metrics,):
-        if os.path.exists(path):
-            os.remove(path)
+    if os.path.exists(metrics):  # the job appends to it
+        os.remove(metrics)
     with open(opts.config) as f:
         write_config(json.load(f), config, ring, global_batch)
     command = [*opts.deepspeed, "--num_gpus", str(opts.nproc), "--master_port", str(_port()),

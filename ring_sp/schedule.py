@@ -11,7 +11,7 @@ Pure index math: no torch.distributed here.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 
 from ring_sp.kernels.band import Band
 from ring_sp.layout import Segment, check_local_seq, segments
@@ -64,6 +64,14 @@ class Schedule:
         final: no later block does (it may write their normalised output). Blocks run in step
         order, and in list order within a step.
         """
+        return self._roles[position]
+
+    @cached_property
+    def _roles(self) -> tuple[tuple[tuple[tuple[bool, bool], ...], ...], ...]:
+        # Computed once per schedule (plan() caches schedules), not on every ring call.
+        return tuple(self._position_roles(r) for r in range(self.world))
+
+    def _position_roles(self, position: int) -> tuple[tuple[tuple[bool, bool], ...], ...]:
         order = [b for step in self.steps for b in step[position]]
 
         def meets(x: Block, y: Block) -> bool:

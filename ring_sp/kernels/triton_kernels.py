@@ -91,6 +91,23 @@ def _row_program(H, G, SQ, D, HAS_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
+def _row_scores(q, k, rows, cols, mask_base, stride_ms, SK, scale2, lo, hi, BAND: tl.constexpr,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
+    """Base-2 scores q · kᵀ of a (rows × cols) tile, −inf where the band (if BAND) or the key mask hides
+    a key."""
+    if IEEE:
+        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
+    else:
+        qk = tl.dot(q, tl.trans(k)) * scale2
+    if BAND:
+        qk = tl.where(_visible(rows, cols, SK, lo, hi, HAS_LO, HAS_HI), qk, float("-inf"))
+    if HAS_MASK:
+        keep = tl.load(mask_base + cols * stride_ms, mask=cols < SK, other=0)
+        qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+    return qk
+
+
+@triton.jit
 def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m, offs_d,
                start, end, SK, D, scale2, lo, hi,
                BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
@@ -106,15 +123,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
         else:
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
-        else:
-            qk = tl.dot(q, tl.trans(k)) * scale2
-        if BAND:
-            qk = tl.where(_visible(offs_m, cols, SK, lo, hi, HAS_LO, HAS_HI), qk, float("-inf"))
-        if HAS_MASK:
-            keep = tl.load(mask_base + cols * stride_ms, mask=cols < SK, other=0)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, SK, scale2, lo, hi,
+                         BAND, HAS_LO, HAS_HI, HAS_MASK, IEEE)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_ref[:, None])
@@ -291,15 +301,8 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stri
         kv_mask = (cols[:, None] < SK) & (offs_d[None, :] < D)
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        if IEEE:
-            qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
-        else:
-            qk = tl.dot(q, tl.trans(k)) * scale2
-        if BAND:
-            qk = tl.where(_visible(offs_m, cols, SK, lo, hi, HAS_LO, HAS_HI), qk, float("-inf"))
-        if HAS_MASK:
-            keep = tl.load(mask_base + cols * stride_ms, mask=cols < SK, other=0)
-            qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, SK, scale2, lo, hi,
+                         BAND, HAS_LO, HAS_HI, HAS_MASK, IEEE)
         p = tl.math.exp2(qk - lse2[:, None])
         if IEEE:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
