@@ -32,6 +32,7 @@ from ring_sp import kernels, ring_attention_simulated  # noqa: E402
 from ring_sp.kernels import (
     Band,  # noqa: E402
     State,  # noqa: E402
+    Visibility,  # noqa: E402
 )
 
 TORCH_SDPA = {"torch-cudnn": SDPBackend.CUDNN_ATTENTION, "torch-flash": SDPBackend.FLASH_ATTENTION}
@@ -57,14 +58,14 @@ def block_row(backend: str, s: int, d: int, causal: bool, heads: int = 16, token
         band = Band(lo=0) if causal else Band()
         scale = d ** -0.5
         state = State.empty(q)
-        t_f = bench_ms(lambda: impl.forward(q, k, v, state, band, None, scale))
+        t_f = bench_ms(lambda: impl.forward(q, k, v, state, Visibility(band), scale))
         state = State.empty(q)
-        impl.forward(q, k, v, state, band, None, scale)
+        impl.forward(q, k, v, state, Visibility(band), scale)
         out, lse = state.output().to(q.dtype), state.lse
         delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
         dq = torch.zeros(q.shape, device="cuda")
         dk, dv = torch.zeros(k.shape, device="cuda"), torch.zeros(v.shape, device="cuda")
-        t_b = bench_ms(lambda: impl.backward(do, q, k, v, out, lse, delta, dq, dk, dv, band, None, scale))
+        t_b = bench_ms(lambda: impl.backward(do, q, k, v, out, lse, delta, dq, dk, dv, Visibility(band), scale))
         t_fb = t_f + t_b
     return dict(backend=backend, seq=s, head_dim=d, causal=causal, batch=b, heads=heads,
                 fwd_tflops=fl / t_f / 1e9, fwd_bwd_tflops=3.5 * fl / t_fb / 1e9, fwd_ms=t_f, fwd_bwd_ms=t_fb)

@@ -19,6 +19,7 @@ from ring_sp import kernels  # noqa: E402
 from ring_sp.kernels import (  # noqa: E402
     Band,  # noqa: E402
     State,
+    Visibility,  # noqa: E402
     sdpa_backend,
 )
 from ring_sp.kernels import triton_backend as tb  # noqa: E402
@@ -108,7 +109,7 @@ for d, s, causal in itertools.product((128, 64), (8192,), (False, True)):
                 (128, 128, 4, 3), (128, 32, 4, 4)]:
         tb.TUNING[("fwd", bound)] = cfg
         try:
-            t = bench_ms(lambda: triton_backend.forward(q, k, v, state, band, None, d ** -0.5))
+            t = bench_ms(lambda: triton_backend.forward(q, k, v, state, Visibility(band), d ** -0.5))
             print(f"d={d} s={s} causal={causal!s:5s} triton fwd {cfg} {fl / t / 1e9:6.0f}", flush=True)
         except Exception as ex:  # noqa: BLE001
             print(f"triton fwd {cfg} failed: {str(ex)[:300]}", flush=True)
@@ -123,7 +124,7 @@ for d, s, causal in itertools.product((128, 64), (8192,), (False, True)):
                       ((64, 64, 4, 2), (64, 64, 4, 2)), ((128, 128, 8, 2), (128, 128, 8, 2))]:
         tb.TUNING[("dkdv", bound)], tb.TUNING[("dq", bound)] = dkdv, dqc
         try:
-            t = bench_ms(lambda: triton_backend.backward(do, q, k, v, out, lse, delta, dq, dk, dv, band, None,
+            t = bench_ms(lambda: triton_backend.backward(do, q, k, v, out, lse, delta, dq, dk, dv, Visibility(band),
                                                          d ** -0.5))
             print(f"d={d} s={s} causal={causal!s:5s} triton bwd {dkdv} {dqc} bwd-only {2.5 * fl / t / 1e9:6.0f}",
                   flush=True)

@@ -1,15 +1,19 @@
 """Ring attention: the autograd Function that runs the schedule over a ring, and the public API.
 
-Forward: each position folds every K/V block that passes by into its queries' float32 state
-(the next block's transfer is posted before the current block is computed). Backward is a ring
-again: dq accumulates locally in float32; dK/dV accumulate in float32 while travelling with
-their block and are handed back to the position that owns it.
+Forward: at each step of the schedule a position receives, straight from their owner, the K/V
+columns it needs (the next step's transfer is posted before the current step's blocks are
+computed) and folds every block into its queries' float32 state. Backward runs the schedule
+again: dq accumulates locally in float32; each step's dK/dV (float32) go straight back to the
+owner of the K/V, which adds them up. Nothing is all-gathered, no autograd runs through
+communication.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -17,12 +21,32 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ring_sp import kernels
-from ring_sp.comm import DistributedRing, SimulatedRing, gather_signatures
-from ring_sp.kernels import State, state_dtype
+from ring_sp import schedule as schedules
+from ring_sp.comm import DistributedRing, Ring, SimulatedRing, empty_like_rows, gather_signatures
+from ring_sp.documents import Documents, check_documents, fingerprint, ids_by_position
+from ring_sp.kernels import BlockDocuments, State, Visibility, state_dtype
 from ring_sp.layout import LAYOUTS, check_layout, check_local_seq
-from ring_sp.schedule import Block, Schedule, plan
+from ring_sp.schedule import Block, Schedule
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+class KV(NamedTuple):
+    """The block that travels: keys, values and their key mask, (batch, columns, ...)."""
+
+    k: Tensor
+    v: Tensor
+    mask: Tensor | None
+
+    def columns(self, start: int, stop: int) -> KV:
+        return KV(self.k[:, start:stop], self.v[:, start:stop], None if self.mask is None else self.mask[:, start:stop])
+
+
+class Grads(NamedTuple):
+    """float32 dK, dV of K/V columns, on their way back to the owner."""
+
+    dk: Tensor
+    dv: Tensor
 
 
 @dataclass(frozen=True)
@@ -36,6 +60,7 @@ class Options:
     bucket_size: int | None = None
     softmax_scale: float | None = None
     backend: str = "auto"
+    documents: Documents | None = None  # from check_documents
 
     def check(self) -> None:
         check_layout(self.layout)
@@ -59,6 +84,11 @@ class Options:
 
     def scale(self, head_dim: int) -> float:
         return float(self.softmax_scale) if self.softmax_scale is not None else head_dim ** -0.5
+
+    def plan(self, world: int, local_seq: int) -> Schedule:
+        return schedules.plan(self.layout, world, local_seq, causal=self.causal, lookback=self.lookback,
+                              reduce_col=self.reduce_col, documents=self.documents,
+                              small_document=schedules.SMALL_DOCUMENT)
 
 
 def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -93,17 +123,43 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}: move it to q's device")
 
 
+def _checked_options(opts: Options, cu_seqlens, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+                     world: int) -> Options:
+    """``opts`` with its documents normalised, after checking the options and one position's tensors."""
+    opts.check()
+    _check_tensors(q, k, v, mask)
+    check_local_seq(opts.layout, q.shape[1], world)
+    return replace(opts, documents=check_documents(cu_seqlens, q.shape[0], q.shape[1] * world))
+
+
+def _document_ids(opts: Options, world: int, q: Tensor) -> tuple[Tensor, ...] | None:
+    """Per ring position, the document ids of its tokens (None without documents)."""
+    if opts.documents is None:
+        return None
+    return ids_by_position(opts.documents, opts.layout, world, q.shape[1], q.shape[0], q.device)
+
+
+@lru_cache(maxsize=4096)
+def _block_documents(schedule: Schedule, ids: tuple[Tensor, ...], step: int, position: int,
+                     index: int) -> BlockDocuments:
+    """The document ids of one scheduled block (cached: every layer of a batch reuses them)."""
+    block = schedule.steps[step][position][index]
+    source = schedule.source(step, position)
+    return BlockDocuments(ids[position][:, block.q_start:block.q_stop], ids[source][:, block.k_start:block.k_stop])
+
+
 def _check_backend(opts: Options, schedule: Schedule, positions: list[int], q: Tensor, k: Tensor,
-                   has_mask: bool) -> None:
+                   mask: Tensor | None, ids: tuple[Tensor, ...] | None) -> None:
     """Raise ValueError unless ``opts.backend`` can compute every block this process will meet."""
-    bands = {block.band for step in schedule.steps for p in positions for block in step[p]}
-    for band in bands:
-        kernels.choose(opts.backend, q, k, band, has_mask, opts.bucket_size)
+    kinds = {(block.band, block.documents) for step in schedule.steps for p in positions for block in step[p]}
+    for band, has_documents in kinds:
+        documents = BlockDocuments(ids[positions[0]], ids[positions[0]]) if has_documents else None
+        kernels.choose(opts.backend, q, k, Visibility(band, mask, documents), opts.bucket_size)
 
 
 _FIELDS = ("inputs rejected", "batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "mask",
            "causal", "layout", "max_lookback_seq_len", "ring_reduce_col", "ring_size", "backend",
-           "bucket_size", "softmax_scale")
+           "bucket_size", "softmax_scale", "cu_seqlens")
 
 
 def _signature(q: Tensor, k: Tensor, mask: Tensor | None, opts: Options, ring_size: int) -> tuple[int, ...]:
@@ -112,50 +168,84 @@ def _signature(q: Tensor, k: Tensor, mask: Tensor | None, opts: Options, ring_si
     return (0, *q.shape, k.shape[2], _DTYPES.index(q.dtype), mask is not None, opts.causal,
             LAYOUTS.index(opts.layout), opts.lookback or 0, opts.reduce_col, ring_size,
             backends.index(opts.backend), opts.bucket_size or 0,
-            0 if scale is None else int(round(float(scale) * 2**40)))
+            0 if scale is None else int(round(float(scale) * 2**40)), fingerprint(opts.documents))
 
 
-def _raise_on_disagreement(rows: list[tuple[int, ...]], who: str) -> None:
+def _raise_on_disagreement(rows: list[tuple[int, ...]], who: str, ring_size: int) -> None:
+    """Every row must agree; document boundaries only within a ring (each ring holds its own sequences)."""
     failed = [n for n, row in enumerate(rows) if row[0]]
     if failed:
         raise ValueError(f"{who} {failed} rejected their inputs (their own error says why), so no rank ran the ring")
     for i, field in enumerate(_FIELDS):
         values = [row[i] for row in rows]
+        if field == "cu_seqlens":
+            values = [(n // ring_size, x) for n, x in enumerate(values)]
+            if len(set(values)) > len({n // ring_size for n in range(len(rows))}):
+                raise ValueError(f"{who}s of one ring disagree on cu_seqlens: every rank of a ring must pass the "
+                                 "same document boundaries (those of the ring's whole sequence)")
+            continue
         if len(set(values)) > 1:
             raise ValueError(f"{who}s disagree on {field} ({', '.join(f'{n}: {x}' for n, x in enumerate(values))}): "
                              "every rank of the group must pass the same shapes, dtype and options")
 
 
-def _unpack(item: list[Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
-    return item[0], item[1], item[2] if len(item) > 2 else None
+def _slices(block: Block, first_column: int) -> tuple[slice, slice]:
+    """Rows of the queries and columns of the received K/V (which start at ``first_column``)."""
+    return slice(block.q_start, block.q_stop), slice(block.k_start - first_column, block.k_stop - first_column)
 
 
-def _slices(block: Block) -> tuple[slice, slice]:
-    return slice(block.q_start, block.q_stop), slice(block.k_start, block.k_stop)
+class _Call:
+    """One ring call's fixed parts: the transport, the schedule, the options and the document ids."""
+
+    def __init__(self, ring: Ring, schedule: Schedule, opts: Options, ids: tuple[Tensor, ...] | None):
+        self.ring, self.schedule, self.opts, self.ids = ring, schedule, opts, ids
+
+    def post_kv(self, kvs: list[KV], step: int):
+        """Send each played position's K/V columns that step ``step``'s receiver needs; receive ours."""
+        sched, ring = self.schedule, self.ring
+        offset = sched.offsets[step]
+        sends = []
+        for kv, p in zip(kvs, ring.positions):
+            cols = sched.columns(step, (p + offset) % ring.size)
+            sends.append(None if cols is None else kv.columns(*cols))
+
+        def buffers(i: int) -> KV | None:
+            cols = sched.columns(step, ring.positions[i])
+            return None if cols is None else empty_like_rows(kvs[i], cols[1] - cols[0])
+
+        return ring.exchange(sends, offset, buffers)
+
+    def blocks(self, step: int, i: int, kv: KV):
+        """(block index, block, q rows, k/v columns, visibility) of played position i at ``step``."""
+        position = self.ring.positions[i]
+        cols = self.schedule.columns(step, position)
+        for j, block in enumerate(self.schedule.steps[step][position]):
+            rows, columns = _slices(block, cols[0])
+            documents = _block_documents(self.schedule, self.ids, step, position, j) if block.documents else None
+            mask = None if kv.mask is None else kv.mask[:, columns]
+            yield j, block, rows, columns, Visibility(block.band, mask, documents)
 
 
-def _ring_forward(ring, schedule: Schedule, opts: Options, qs, ks, vs, masks) -> tuple[list[Tensor], list[Tensor]]:
+def _ring_forward(call: _Call, qs: list[Tensor], kvs: list[KV]) -> tuple[list[Tensor], list[Tensor]]:
+    opts, schedule, ring = call.opts, call.schedule, call.ring
     scale = opts.scale(qs[0].shape[-1])
     states = [State.empty(q) for q in qs]
     outs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in qs]
     roles = [schedule.roles(position) for position in ring.positions]
     written: list[list[tuple[int, int]]] = [[] for _ in qs]  # rows whose last block wrote their output
-    items = [[k, v] + ([m] if m is not None else []) for k, v, m in zip(ks, vs, masks)]
+    pending = call.post_kv(kvs, 0)
     for step in range(schedule.n_steps):
-        pending = ring.shift(items, 1) if step + 1 < schedule.n_steps else None
-        for i, position in enumerate(ring.positions):
-            k, v, mask = _unpack(items[i])
-            for block, (fresh, final) in zip(schedule.steps[step][position], roles[i][step]):
-                rows, cols = _slices(block)
-                q_, k_, v_ = qs[i][:, rows], k[:, cols], v[:, cols]
-                m_ = None if mask is None else mask[:, cols]
-                backend = kernels.choose(opts.backend, q_, k_, block.band, m_ is not None, opts.bucket_size)
-                backend.forward(q_, k_, v_, states[i].rows(block.q_start, block.q_stop), block.band, m_, scale,
+        items = pending.wait()
+        pending = call.post_kv(kvs, step + 1) if step + 1 < schedule.n_steps else None
+        for i in range(len(qs)):
+            for j, block, rows, cols, vis in call.blocks(step, i, items[i]):
+                fresh, final = roles[i][step][j]
+                q_, k_, v_ = qs[i][:, rows], items[i].k[:, cols], items[i].v[:, cols]
+                backend = kernels.choose(opts.backend, q_, k_, vis, opts.bucket_size)
+                backend.forward(q_, k_, v_, states[i].rows(block.q_start, block.q_stop), vis, scale,
                                 fresh=fresh, out=outs[i][:, rows] if final else None)
                 if final:
                     written[i].append((block.q_start, block.q_stop))
-        if pending is not None:
-            items = pending.wait()
     for out, state, spans in zip(outs, states, written):
         for start, stop in _gaps(spans, out.shape[1]):  # rows no single last block covers (or none reached)
             out[:, start:stop] = state.rows(start, stop).output()
@@ -179,79 +269,86 @@ def _row_dot(do: Tensor, out: Tensor, dtype: torch.dtype, rows: int = 2048) -> T
     return torch.cat(parts, 1).transpose(1, 2)
 
 
-def _ring_backward(ring, schedule: Schedule, opts: Options, dos, qs, ks, vs, masks, outs, lses):
+def _ring_backward(call: _Call, dos, qs, kvs: list[KV], outs, lses):
+    opts, schedule, ring = call.opts, call.schedule, call.ring
     scale = opts.scale(qs[0].shape[-1])
     acc = state_dtype(qs[0].dtype)
     deltas = [_row_dot(do, out, acc) for do, out in zip(dos, outs)]
     dqs = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in qs]
-    items = [[k, v] + ([m] if m is not None else []) for k, v, m in zip(ks, vs, masks)]
-    travelling = None  # dK/dV of the block each position holds, on their way around the ring
-    n = schedule.n_steps
-    for step in range(n):
-        pending_kv = ring.shift(items, 1) if step + 1 < n else None
-        grads = []
+    dks = [torch.zeros(kv.k.shape, dtype=acc, device=kv.k.device) for kv in kvs]
+    dvs = [torch.zeros(kv.v.shape, dtype=acc, device=kv.v.device) for kv in kvs]
+
+    def collect(step: int, pending) -> None:
+        """Add the dK/dV that came back from step ``step``'s receivers to the owners' accumulators."""
+        for i, (p, grads) in enumerate(zip(ring.positions, pending.wait())):
+            cols = schedule.columns(step, (p + schedule.offsets[step]) % ring.size)
+            if cols is not None:
+                dks[i][:, cols[0]:cols[1]] += grads.dk
+                dvs[i][:, cols[0]:cols[1]] += grads.dv
+
+    pending_kv, returning = call.post_kv(kvs, 0), None
+    for step in range(schedule.n_steps):
+        items = pending_kv.wait()
+        pending_kv = call.post_kv(kvs, step + 1) if step + 1 < schedule.n_steps else None
+        offset, grads = schedule.offsets[step], []
         for i, position in enumerate(ring.positions):
-            k, v, mask = _unpack(items[i])
-            blocks = schedule.steps[step][position]
-            if not blocks and travelling is not None:
+            cols = schedule.columns(step, position)
+            if cols is None:
                 grads.append(None)
                 continue
-            dk = torch.zeros(k.shape, dtype=acc, device=k.device)
-            dv = torch.zeros(v.shape, dtype=acc, device=v.device)
-            for block in blocks:
-                rows, cols = _slices(block)
-                q_, k_, v_ = qs[i][:, rows], k[:, cols], v[:, cols]
-                m_ = None if mask is None else mask[:, cols]
-                backend = kernels.choose(opts.backend, q_, k_, block.band, m_ is not None, opts.bucket_size)
+            if offset == 0:  # our own K/V: accumulate in place
+                dk, dv = dks[i][:, cols[0]:cols[1]], dvs[i][:, cols[0]:cols[1]]
+            else:
+                dk = torch.zeros(items[i].k.shape, dtype=acc, device=items[i].k.device)
+                dv = torch.zeros(items[i].v.shape, dtype=acc, device=items[i].v.device)
+            for _, _, rows, kcols, vis in call.blocks(step, i, items[i]):
+                q_, k_, v_ = qs[i][:, rows], items[i].k[:, kcols], items[i].v[:, kcols]
+                backend = kernels.choose(opts.backend, q_, k_, vis, opts.bucket_size)
                 backend.backward(dos[i][:, rows], q_, k_, v_, outs[i][:, rows], lses[i][:, :, rows],
-                                 deltas[i][:, :, rows], dqs[i][:, rows], dk[:, cols], dv[:, cols],
-                                 block.band, m_, scale)
-            grads.append([dk, dv])
-        if travelling is not None:
-            arrived = travelling.wait()
-            for i, mine in enumerate(grads):
-                if mine is not None:
-                    arrived[i][0] += mine[0]
-                    arrived[i][1] += mine[1]
-            grads = arrived
-        # The last holder of a block returns its dK/dV to the owner, n − 1 positions back.
-        travelling = ring.shift(grads, 1 if step + 1 < n else 1 - n)
-        if pending_kv is not None:
-            items = pending_kv.wait()
-    dkvs = travelling.wait()
+                                 deltas[i][:, :, rows], dqs[i][:, rows], dk[:, kcols], dv[:, kcols], vis, scale)
+            grads.append(None if offset == 0 else Grads(dk, dv))
+        if returning is not None:
+            collect(*returning)
+            returning = None
+        if offset != 0:
+
+            def buffers(i: int, step=step, offset=offset) -> Grads | None:
+                cols = schedule.columns(step, (ring.positions[i] + offset) % ring.size)
+                if cols is None:
+                    return None
+                shape = (kvs[i].k.shape[0], cols[1] - cols[0], *kvs[i].k.shape[2:])
+                return Grads(kvs[i].k.new_empty(shape, dtype=acc), kvs[i].v.new_empty(shape, dtype=acc))
+
+            returning = (step, ring.exchange(grads, -offset, buffers))
+    if returning is not None:
+        collect(*returning)
     return ([dq.to(q.dtype) for dq, q in zip(dqs, qs)],
-            [dkv[0].to(k.dtype) for dkv, k in zip(dkvs, ks)],
-            [dkv[1].to(v.dtype) for dkv, v in zip(dkvs, vs)])
+            [dk.to(kv.k.dtype) for dk, kv in zip(dks, kvs)],
+            [dv.to(kv.v.dtype) for dv, kv in zip(dvs, kvs)])
 
 
 class _RingAttention(torch.autograd.Function):
-    """Inputs: the ring, its schedule, the options, one mask per played position, then qs, ks, vs."""
+    """Inputs: the call, one mask per played position, then qs, ks, vs."""
 
     @staticmethod
-    def forward(ctx, ring, schedule: Schedule, opts: Options, masks: list, *qkv: Tensor):
-        n = len(ring.positions)
+    def forward(ctx, call: _Call, masks: list, *qkv: Tensor):
+        n = len(call.ring.positions)
         qs, ks, vs = list(qkv[:n]), [k.contiguous() for k in qkv[n:2 * n]], [v.contiguous() for v in qkv[2 * n:]]
-        masks = [None if m is None else m.contiguous() for m in masks]
-        outs, lses = _ring_forward(ring, schedule, opts, qs, ks, vs, masks)
+        kvs = [KV(k, v, None if m is None else m.contiguous()) for k, v, m in zip(ks, vs, masks)]
+        outs, lses = _ring_forward(call, qs, kvs)
         ctx.save_for_backward(*qs, *ks, *vs, *outs, *lses)
-        ctx.ring, ctx.schedule, ctx.opts, ctx.masks = ring, schedule, opts, masks
+        ctx.call, ctx.masks = call, [kv.mask for kv in kvs]
         return tuple(outs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *douts: Tensor):
-        n = len(ctx.ring.positions)
+        n = len(ctx.call.ring.positions)
         saved = ctx.saved_tensors
         qs, ks, vs, outs, lses = (list(saved[i * n:(i + 1) * n]) for i in range(5))
-        dqs, dks, dvs = _ring_backward(ctx.ring, ctx.schedule, ctx.opts, list(douts), qs, ks, vs, ctx.masks,
-                                       outs, lses)
-        return (None, None, None, None, *dqs, *dks, *dvs)
-
-
-def _run(ring, opts: Options, qs, ks, vs, masks) -> list[Tensor]:
-    schedule = plan(opts.layout, ring.size, qs[0].shape[1], causal=opts.causal, lookback=opts.lookback,
-                    reduce_col=opts.reduce_col)
-    return list(_RingAttention.apply(ring, schedule, opts, masks, *qs, *ks, *vs))
+        kvs = [KV(k, v, m) for k, v, m in zip(ks, vs, ctx.masks)]
+        dqs, dks, dvs = _ring_backward(ctx.call, list(douts), qs, kvs, outs, lses)
+        return (None, None, *dqs, *dks, *dvs)
 
 
 def _group_and_ring_size(group, ring_size) -> tuple[dist.ProcessGroup | None, int]:
@@ -287,6 +384,7 @@ def ring_attention(
     softmax_scale: float | None = None,
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
+    cu_seqlens=None,
 ) -> Tensor:
     """Exact attention of this rank's query shard over the whole sequence of its ring.
 
@@ -300,21 +398,21 @@ def ring_attention(
     (``contiguous``, ``striped`` or ``zigzag``). ``mask`` (batch, local_seq) bool marks this
     rank's keys that may be attended. ``max_lookback_seq_len`` L (with ``causal``) shows key t
     to query p only if 0 ≤ p − t < L. ``ring_reduce_col=False`` attends to the local K/V only.
-    ``bucket_size`` bounds the score tiles of the torch backend. Every rank of the group must
-    pass the same shapes and options; if one does not, or rejects its input, all ranks raise
-    ValueError together.
+    ``cu_seqlens`` [0, e1, ..., W · local_seq]: document boundaries of the ring's whole sequence
+    (global positions, before the layout's permutation), one list for the batch or one per
+    element; a query then attends only to keys of its own document. ``bucket_size`` bounds the
+    score tiles of the torch backend. Every rank of the group must pass the same shapes and
+    options; if one does not, or rejects its input, all ranks raise ValueError together.
     """
     opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
     distributed = dist.is_available() and dist.is_initialized()
     try:
-        opts.check()
-        _check_tensors(q, k, v, mask)
         group, size = _group_and_ring_size(group, ring_size)
-        check_local_seq(layout, q.shape[1], size)
-        schedule = plan(layout, size, q.shape[1], causal=causal, lookback=max_lookback_seq_len,
-                        reduce_col=ring_reduce_col)
+        opts = _checked_options(opts, cu_seqlens, q, k, v, mask, size)
+        schedule = opts.plan(size, q.shape[1])
         position = dist.get_rank(group) % size if distributed else 0
-        _check_backend(opts, schedule, [position], q, k, mask is not None)
+        ids = _document_ids(opts, size, q)
+        _check_backend(opts, schedule, [position], q, k, mask, ids)
     except ValueError as error:
         if distributed:  # fail the peers too, or they would wait for this rank forever
             group = group if isinstance(group, dist.ProcessGroup) else dist.group.WORLD
@@ -322,9 +420,9 @@ def ring_attention(
                 gather_signatures(group, (1,) + (0,) * (len(_FIELDS) - 1))
         raise error
     if distributed and dist.get_world_size(group) > 1:
-        _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, size)), "rank")
+        _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, size)), "rank", size)
     ring = DistributedRing(group, size) if distributed and size > 1 else SimulatedRing(1)
-    return _run(ring, opts, [q], [k], [v], [mask])[0]
+    return _RingAttention.apply(_Call(ring, schedule, opts, ids), [mask], q, k, v)[0]
 
 
 def ring_attention_simulated(
@@ -340,26 +438,32 @@ def ring_attention_simulated(
     max_lookback_seq_len: int | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    cu_seqlens=None,
+    ring: Ring | None = None,
 ) -> list[Tensor]:
     """Ring attention over W virtual ranks in this process: the same schedule, no communication.
 
     ``qs[r]``, ``ks[r]``, ``vs[r]``, ``masks[r]``: the tensors of ring position r, shaped as in
-    :func:`ring_attention`. Returns the W outputs. For tests and single-GPU benchmarks.
+    :func:`ring_attention`; ``cu_seqlens`` as there. Returns the W outputs. For tests and
+    single-GPU benchmarks. ``ring``: the transport (default ``SimulatedRing(W)``; a test double or
+    a recording transport that plays all W positions).
     """
-    opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
-    opts.check()
     world = len(qs)
     masks = list(masks) if masks is not None else [None] * world
     if world < 1 or not (len(ks) == len(vs) == len(masks) == world):
         raise ValueError(f"qs, ks, vs (and masks) must be lists of one tensor per ring position, got lengths "
                          f"{len(qs)}, {len(ks)}, {len(vs)}, {len(masks)}")
+    opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
     rows = []
     for q, k, v, m in zip(qs, ks, vs, masks):
-        _check_tensors(q, k, v, m)
-        rows.append(_signature(q, k, m, opts, world))
-    _raise_on_disagreement(rows, "position")
-    check_local_seq(layout, qs[0].shape[1], world)
-    schedule = plan(layout, world, qs[0].shape[1], causal=causal, lookback=max_lookback_seq_len,
-                    reduce_col=ring_reduce_col)
-    _check_backend(opts, schedule, list(range(world)), qs[0], ks[0], masks[0] is not None)
-    return _run(SimulatedRing(world), opts, qs, ks, vs, masks)
+        checked = _checked_options(opts, cu_seqlens, q, k, v, m, world)
+        rows.append(_signature(q, k, m, checked, world))
+    _raise_on_disagreement(rows, "position", world)
+    opts = checked
+    schedule = opts.plan(world, qs[0].shape[1])
+    ids = _document_ids(opts, world, qs[0])
+    _check_backend(opts, schedule, list(range(world)), qs[0], ks[0], masks[0], ids)
+    ring = ring if ring is not None else SimulatedRing(world)
+    if ring.size != world or ring.positions != list(range(world)):
+        raise ValueError(f"ring plays positions {ring.positions} of {ring.size}: a simulated ring plays all {world}")
+    return list(_RingAttention.apply(_Call(ring, schedule, opts, ids), masks, *qs, *ks, *vs))

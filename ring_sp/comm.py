@@ -1,45 +1,59 @@
-"""Moving blocks around a ring: over torch.distributed, or simulated in one process.
+"""Moving blocks between the positions of a ring: over torch.distributed, or simulated in one process.
 
 A ring has ``size`` positions. A process *plays* some of them: one (a real rank) or all of them
-(the simulated ring, for tests and single-GPU benchmarks). ``shift(items, hops)`` sends the
-item of each played position p to position p + hops and returns, per played position, the item
-that arrived from p − hops. Transfers are posted at once (batched P2P to the two peers, no
-barrier) and completed by ``Pending.wait()``, so the caller computes while they fly.
+(the simulated ring, for tests and single-GPU benchmarks). An *item* is a tuple (or NamedTuple)
+of tensors, None where a field is absent. ``exchange(sends, hops, buffers)`` sends the item of
+each played position p to position p + hops and returns, per played position, the item that
+arrived from p − hops (None where nothing is sent). Transfers are posted at once (batched P2P, no
+barrier) and completed by ``Pending.wait()``, so the caller computes while they fly. The transport
+is an argument of the ring code (``DistributedRing``, ``SimulatedRing`` or a test double), never
+looked up globally.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
-Item = list[Tensor]
+Item = tuple  # of Tensor | None
 
 
 class Pending:
     """Transfers in flight; ``wait()`` returns the received items, one per played position."""
 
-    def __init__(self, items: list[Item], requests: Sequence = ()):
+    def __init__(self, items: list[Item | None], requests: Sequence = (), sent: Sequence = ()):
         self._items, self._requests = items, list(requests)
+        self._sent = list(sent)  # keep sent tensors (contiguous copies included) alive until done
 
-    def wait(self) -> list[Item]:
+    def wait(self) -> list[Item | None]:
         for request in self._requests:
             request.wait()
-        self._requests = []
+        self._requests, self._sent = [], []
         return self._items
 
 
+class Ring(Protocol):
+    size: int
+    positions: list[int]
+
+    def exchange(self, sends: list[Item | None], hops: int,
+                 buffers: Callable[[int], Item | None]) -> Pending:
+        """Send ``sends[i]`` (played position i's item, or None) ``hops`` positions ahead; receive into
+        ``buffers(i)`` (empty tensors shaped like what arrives, None if nothing does)."""
+
+
 class SimulatedRing:
-    """W virtual positions played by this process; a shift is a rotation of Python lists."""
+    """W virtual positions played by this process; an exchange is a rotation of Python lists."""
 
     def __init__(self, size: int):
         self.size = size
         self.positions = list(range(size))
 
-    def shift(self, items: list[Item], hops: int) -> Pending:
-        return Pending([items[(p - hops) % self.size] for p in self.positions])
+    def exchange(self, sends: list[Item | None], hops: int, buffers: Callable[[int], Item | None]) -> Pending:
+        return Pending([sends[(p - hops) % self.size] for p in self.positions])
 
 
 class DistributedRing:
@@ -60,15 +74,22 @@ class DistributedRing:
     def _peer(self, position: int) -> int:
         return self.ranks[self.first + position % self.size]
 
-    def shift(self, items: list[Item], hops: int) -> Pending:
-        hops %= self.size
-        if hops == 0:
-            return Pending(items)
-        (position,), (item,) = self.positions, items
-        received = [torch.empty_like(t) for t in item]
-        ops = [dist.P2POp(dist.isend, t, self._peer(position + hops), self.group) for t in item]
-        ops += [dist.P2POp(dist.irecv, t, self._peer(position - hops), self.group) for t in received]
-        return Pending([received], dist.batch_isend_irecv(ops))
+    def exchange(self, sends: list[Item | None], hops: int, buffers: Callable[[int], Item | None]) -> Pending:
+        if hops % self.size == 0:
+            return Pending(list(sends))
+        (position,), (item,), received = self.positions, sends, buffers(0)
+        sent = [] if item is None else [t.contiguous() for t in item if t is not None]
+        ops = [dist.P2POp(dist.isend, t, self._peer(position + hops), self.group) for t in sent]
+        if received is not None:
+            ops += [dist.P2POp(dist.irecv, t, self._peer(position - hops), self.group)
+                    for t in received if t is not None]
+        return Pending([received], dist.batch_isend_irecv(ops) if ops else (), sent)
+
+
+def empty_like_rows(item: Item, rows: int) -> Item:
+    """Empty tensors shaped like ``item``'s with ``rows`` along dim 1 (receive buffers)."""
+    fields = [None if t is None else t.new_empty((t.shape[0], rows, *t.shape[2:])) for t in item]
+    return type(item)(*fields) if hasattr(item, "_fields") else tuple(fields)
 
 
 def gather_signatures(group: dist.ProcessGroup, signature: tuple[int, ...]) -> list[tuple[int, ...]]:
@@ -105,3 +126,4 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
+

@@ -1,23 +1,32 @@
-"""The ring's per-step schedule: which blocks of attention each ring position computes.
+"""The ring's schedule: which blocks of attention each ring position computes, at which ring offset.
 
-At ring step s, position r holds the K/V block that started on position (r − s) mod W. Its
-work at that step is a list of :class:`Block` s: a rectangle of its local query rows × the
-block's local key columns, with a :class:`Band` saying which cells are visible. Fully masked
-rectangles never appear, and steps after the last one that carries visible work are dropped.
+At a step of offset o, position r holds (the needed columns of) the K/V block of position
+(r − o) mod W. Its work there is a list of :class:`Block` s: a rectangle of its local query rows ×
+the source's local key columns, with a :class:`Band` saying which cells are visible and, with
+packed sequences, whether the rectangle holds several documents (then only same-document cells
+are visible). Rectangles with nothing visible never appear, and offsets at which no position has
+work are skipped altogether: K/V travel straight from their owner to the position that needs
+them, and only the columns it needs.
 
-Pure index math: no torch.distributed here.
+Pure index maths: no torch.distributed, no kernels here.
 """
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, replace
 from functools import cached_property, lru_cache
 
-from ring_sp.kernels.band import Band
+from ring_sp.band import Band
+from ring_sp.documents import Documents
 from ring_sp.layout import Segment, check_local_seq, segments
 
 FULL = Band()
 CAUSAL = Band(lo=0)
+# Documents whose part of a block is shorter than this (rows or columns) are grouped into one block
+# that the kernel masks per document; longer ones get a block of their own, computed without any
+# document mask (e.g. by cuDNN).
+SMALL_DOCUMENT = 1024
 
 
 @dataclass(frozen=True)
@@ -25,6 +34,8 @@ class Block:
     """Query rows [q_start, q_stop) attend key columns [k_start, k_stop) under ``band``.
 
     The band is relative to the block's own corner: row q_start + i, column k_start + j.
+    ``documents``: the block spans several documents, so a cell is visible only if its row and
+    column also share one (the kernel masks by document ids).
     """
 
     q_start: int
@@ -32,10 +43,11 @@ class Block:
     k_start: int
     k_stop: int
     band: Band = FULL
+    documents: bool = False
 
     @property
     def area(self) -> int:
-        """Number of visible (query, key) pairs."""
+        """Number of cells the band shows (an upper bound on the visible pairs of a document block)."""
         a, b = self.q_stop - self.q_start, self.k_stop - self.k_start
         lo = -(b - 1) if self.band.lo is None else self.band.lo
         hi = a - 1 if self.band.hi is None else self.band.hi
@@ -43,11 +55,31 @@ class Block:
 
 
 @dataclass(frozen=True)
+class Counts:
+    """What a schedule computes and what it never touches, over all positions of the ring.
+
+    blocks: blocks computed; skipped_blocks: (query segment × key segment) pairs with nothing
+    visible, never computed; passes: ring offsets computed (the local one included);
+    skipped_passes: offsets at which no position has work (no compute, no transfer);
+    transfers: K/V slices sent from one position to another (0: no communication at all).
+    """
+
+    blocks: int
+    skipped_blocks: int
+    passes: int
+    skipped_passes: int
+    transfers: int
+
+
+@dataclass(frozen=True, eq=False)  # plan() caches schedules: identity is equality, and hashing is cheap
 class Schedule:
-    """``steps[s][r]``: the blocks ring position r computes at step s."""
+    """``steps[s][r]``: the blocks ring position r computes at step s, whose offset is ``offsets[s]``."""
 
     world: int
     steps: tuple[tuple[tuple[Block, ...], ...], ...]
+    offsets: tuple[int, ...] = (0,)
+    skipped_blocks: int = 0
+    skipped_passes: int = 0
 
     @property
     def n_steps(self) -> int:
@@ -55,7 +87,22 @@ class Schedule:
 
     def source(self, step: int, position: int) -> int:
         """The ring position whose K/V block ``position`` holds at ``step``."""
-        return (position - step) % self.world
+        return (position - self.offsets[step]) % self.world
+
+    def columns(self, step: int, position: int) -> tuple[int, int] | None:
+        """The key columns [start, stop) of its source that ``position`` needs at ``step`` (None: none)."""
+        return self._columns[step][position]
+
+    @cached_property
+    def _columns(self) -> tuple[tuple[tuple[int, int] | None, ...], ...]:
+        return tuple(tuple((min(b.k_start for b in blocks), max(b.k_stop for b in blocks)) if blocks else None
+                           for blocks in step) for step in self.steps)
+
+    @cached_property
+    def counts(self) -> Counts:
+        blocks = sum(len(b) for step in self.steps for b in step)
+        transfers = sum(cols is not None for s in range(1, self.n_steps) for cols in self._columns[s])
+        return Counts(blocks, self.skipped_blocks, self.n_steps, self.skipped_passes, transfers)
 
     def roles(self, position: int) -> tuple[tuple[tuple[bool, bool], ...], ...]:
         """``roles(r)[s][j]`` = (fresh, final) of block j of position r at step s.
@@ -73,12 +120,12 @@ class Schedule:
 
     def _position_roles(self, position: int) -> tuple[tuple[tuple[bool, bool], ...], ...]:
         order = [b for step in self.steps for b in step[position]]
-
-        def meets(x: Block, y: Block) -> bool:
-            return x.q_start < y.q_stop and y.q_start < x.q_stop
-
-        flags = [(not any(meets(b, a) for a in order[:n]), not any(meets(b, a) for a in order[n + 1:]))
-                 for n, b in enumerate(order)]
+        spans = [(b.q_start, b.q_stop) for b in order]
+        flags = []
+        for n, (start, stop) in enumerate(spans):
+            fresh = not any(s < stop and start < e for s, e in spans[:n])
+            final = not any(s < stop and start < e for s, e in spans[n + 1:])
+            flags.append((fresh, final))
         out, n = [], 0
         for step in self.steps:
             out.append(tuple(flags[n:n + len(step[position])]))
@@ -109,6 +156,17 @@ def _trim(a: int, b: int, band: Band) -> Block | None:
     return Block(r0, r1, c0, c1, Band(lo, hi))
 
 
+def _sub_block(block: Block, r0: int, r1: int, c0: int, c1: int, documents: bool = False) -> Block | None:
+    """The visible part of rows [r0, r1) × columns [c0, c1) (local indices) of ``block``, or None."""
+    shift = (r0 - block.q_start) - (c0 - block.k_start)
+    lo = None if block.band.lo is None else block.band.lo - shift
+    hi = None if block.band.hi is None else block.band.hi - shift
+    part = _trim(r1 - r0, c1 - c0, Band(lo, hi))
+    if part is None:
+        return None
+    return Block(part.q_start + r0, part.q_stop + r0, part.k_start + c0, part.k_stop + c0, part.band, documents)
+
+
 def _segment_block(q: Segment, k: Segment, causal: bool, lookback: int | None) -> Block | None:
     """Visible part of query segment ``q`` × key segment ``k`` (same stride) in local indices.
 
@@ -130,6 +188,72 @@ def _segment_block(q: Segment, k: Segment, causal: bool, lookback: int | None) -
     )
 
 
+def _local_range(seg: Segment, start: int, stop: int) -> tuple[int, int]:
+    """The local indices [lo, hi) of ``seg`` whose global positions lie in [start, stop)."""
+    first = max(0, -((seg.global_start - start) // seg.stride))
+    last = min(seg.length, -((seg.global_start - stop) // seg.stride))
+    return seg.local_start + first, seg.local_start + max(first, last)
+
+
+def _global_span(seg: Segment, lo: int, hi: int) -> tuple[int, int]:
+    """Global positions of local indices lo and hi − 1 of ``seg``."""
+    at = lambda i: seg.global_start + seg.stride * (i - seg.local_start)  # noqa: E731
+    return at(lo), at(hi - 1)
+
+
+def _document_pieces(q: Segment, k: Segment, base: Block, bounds: tuple[int, ...]) -> list[Block]:
+    """The visible part of ``base`` (a block of q × k) inside each document, in document order."""
+    q_first, q_last = _global_span(q, base.q_start, base.q_stop)
+    k_first, k_last = _global_span(k, base.k_start, base.k_stop)
+    first, last = max(q_first, k_first), min(q_last, k_last)
+    pieces = []
+    for d in range(bisect.bisect_right(bounds, first) - 1, bisect.bisect_right(bounds, last)):
+        r0, r1 = _local_range(q, bounds[d], bounds[d + 1])
+        c0, c1 = _local_range(k, bounds[d], bounds[d + 1])
+        r0, r1, c0, c1 = max(r0, base.q_start), min(r1, base.q_stop), max(c0, base.k_start), min(c1, base.k_stop)
+        if r0 < r1 and c0 < c1:
+            piece = _sub_block(base, r0, r1, c0, c1)
+            if piece is not None:
+                pieces.append(piece)
+    return pieces
+
+
+def _hull(base: Block, pieces: list[Block]) -> Block:
+    """One block over ``pieces`` (of several documents), masked by document in the kernel."""
+    block = _sub_block(base, min(p.q_start for p in pieces), max(p.q_stop for p in pieces),
+                       min(p.k_start for p in pieces), max(p.k_stop for p in pieces), documents=True)
+    assert block is not None
+    return block
+
+
+def _group(base: Block, pieces: list[Block], small: int) -> list[Block]:
+    """Each large document piece on its own (no document mask); runs of small ones as one masked block."""
+    out, run = [], []
+    for piece in pieces + [None]:
+        is_small = piece is not None and min(piece.q_stop - piece.q_start, piece.k_stop - piece.k_start) < small
+        if is_small:
+            run.append(piece)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else _hull(base, run))
+            run = []
+        if piece is not None:
+            out.append(piece)
+    return out
+
+
+def _segment_blocks(q: Segment, k: Segment, causal: bool, lookback: int | None, documents: Documents | None,
+                    small: int) -> list[Block]:
+    base = _segment_block(q, k, causal, lookback)
+    if base is None or documents is None:
+        return [] if base is None else [base]
+    per_element = [_document_pieces(q, k, base, bounds) for bounds in documents]
+    if len(documents) == 1:
+        return _group(base, per_element[0], small)
+    pieces = [p for ps in per_element for p in ps]  # boundaries differ across the batch: one masked block
+    return [_hull(base, pieces)] if pieces else []
+
+
 def _merge_full(blocks: list[Block]) -> list[Block]:
     """Join full blocks that share rows and touch in columns, or share columns and touch in rows."""
     blocks = sorted(blocks, key=lambda b: (b.q_start, b.k_start))
@@ -138,7 +262,7 @@ def _merge_full(blocks: list[Block]) -> list[Block]:
         merged = False
         for i, x in enumerate(blocks):
             for j, y in enumerate(blocks):
-                if i == j or x.band != FULL or y.band != FULL:
+                if i == j or x.band != FULL or y.band != FULL or x.documents or y.documents:
                     continue
                 same_rows = (x.q_start, x.q_stop) == (y.q_start, y.q_stop) and x.k_stop == y.k_start
                 same_cols = (x.k_start, x.k_stop) == (y.k_start, y.k_stop) and x.q_stop == y.q_start
@@ -153,19 +277,22 @@ def _merge_full(blocks: list[Block]) -> list[Block]:
     return blocks
 
 
-def _position_blocks(
-    layout: str, world: int, local_seq: int, position: int, source: int, causal: bool, lookback: int | None
-) -> tuple[Block, ...]:
-    if not causal:
-        return (Block(0, local_seq, 0, local_seq),)
-    if source == position and lookback is None:
+def _position_blocks(layout: str, world: int, local_seq: int, position: int, source: int, causal: bool,
+                     lookback: int | None, documents: Documents | None, small: int) -> tuple[tuple[Block, ...], int]:
+    """(blocks of ``position`` against ``source``'s K/V, segment pairs with nothing visible)."""
+    found, skipped = [], 0
+    for q in segments(layout, position, world, local_seq):
+        for k in segments(layout, source, world, local_seq):
+            blocks = _segment_blocks(q, k, causal, lookback, documents, small)
+            skipped += not blocks
+            found += blocks
+    if documents is None and not causal:
+        return (Block(0, local_seq, 0, local_seq),), skipped
+    if documents is None and source == position and lookback is None:
         # Local positions increase with the local index in every layout: causal in global
-        # positions is causal in local indices.
-        return (Block(0, local_seq, 0, local_seq, CAUSAL),)
-    q_segs = segments(layout, position, world, local_seq)
-    k_segs = segments(layout, source, world, local_seq)
-    found = [_segment_block(q, k, causal, lookback) for q in q_segs for k in k_segs]
-    return tuple(_merge_full([b for b in found if b is not None]))
+        # positions is causal in local indices, so one causal block covers the pairs.
+        return (Block(0, local_seq, 0, local_seq, CAUSAL),), skipped
+    return tuple(_merge_full(found)), skipped
 
 
 @lru_cache(maxsize=256)
@@ -177,22 +304,28 @@ def plan(
     causal: bool = False,
     lookback: int | None = None,
     reduce_col: bool = True,
+    documents: Documents | None = None,
+    small_document: int = SMALL_DOCUMENT,
 ) -> Schedule:
     """The schedule of a ring of ``world`` positions, each holding ``local_seq`` tokens.
 
     ``lookback`` (needs ``causal``): key t is visible to query p only if p − t < lookback.
-    ``reduce_col=False``: each position attends only to its own K/V block.
+    ``reduce_col=False``: each position attends only to its own K/V block. ``documents``
+    (from ``ring_sp.documents.check_documents``): a key is visible only inside its query's document.
     """
     check_local_seq(layout, local_seq, world)
     if lookback is not None and (not causal or lookback < 1):
         raise ValueError("lookback needs causal=True and a value of at least 1")
-    n_candidates = world if reduce_col else 1
-    steps = [
-        tuple(
-            _position_blocks(layout, world, local_seq, r, (r - s) % world, causal, lookback)
-            for r in range(world)
-        )
-        for s in range(n_candidates)
-    ]
-    last = max(s for s, step in enumerate(steps) if s == 0 or any(step))
-    return Schedule(world, tuple(steps[: last + 1]))
+    candidates = world if reduce_col else 1
+    steps, offsets, skipped = [], [], 0
+    for offset in range(candidates):
+        step = []
+        for r in range(world):
+            blocks, n = _position_blocks(layout, world, local_seq, r, (r - offset) % world, causal, lookback,
+                                         documents, small_document)
+            step.append(blocks)
+            skipped += n
+        if offset == 0 or any(step):
+            steps.append(tuple(step))
+            offsets.append(offset)
+    return Schedule(world, tuple(steps), tuple(offsets), skipped, candidates - len(offsets))

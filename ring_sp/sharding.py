@@ -60,9 +60,9 @@ def _gather(ring: DistributedRing, x: Tensor, layout: str, dim: int) -> Tensor:
     """All positions' shards of ``x``, merged, by W − 1 hops around the ring."""
     (position,) = ring.positions
     pieces = {position: x}
-    item = [x.contiguous()]
+    item = (x.contiguous(),)
     for hop in range(1, ring.size):
-        (item,) = ring.shift([item], 1).wait()
+        (item,) = ring.exchange([item], 1, lambda _, like=item[0]: (torch.empty_like(like),)).wait()
         pieces[(position - hop) % ring.size] = item[0]
     return merge([pieces[r] for r in range(ring.size)], layout, dim)
 
@@ -73,7 +73,7 @@ def _reduce_scatter(ring: DistributedRing, x: Tensor, layout: str, dim: int) -> 
     parts = split(x, layout, ring.size, dim)
     partial = parts[(position - 1) % ring.size].contiguous()
     for hop in range(1, ring.size):
-        ((partial,),) = ring.shift([[partial]], 1).wait()
+        ((partial,),) = ring.exchange([(partial,)], 1, lambda _, like=partial: (torch.empty_like(like),)).wait()
         partial = partial + parts[(position - hop - 1) % ring.size]
     return partial
 

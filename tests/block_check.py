@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ring_sp import kernels
-from ring_sp.kernels import Band, State
+from ring_sp.kernels import Band, BlockDocuments, State, Visibility
 from tests.reference import rel_err
 
 
@@ -19,13 +19,24 @@ def band_pairs(sq: int, sk: int, band: Band) -> torch.Tensor:
     return ok
 
 
+def random_documents(batch: int, n: int, generator: torch.Generator, most: int = 4) -> torch.Tensor:
+    """(batch, n) int32 non-decreasing document ids, a different split per batch element."""
+    return torch.sort(torch.randint(0, most, (batch, n), generator=generator), dim=1).values.to(torch.int32)
+
+
+def _allowed(vis, mask):
+    """(batch or 1, 1, sq, sk) bool from visibility (sq, sk) or (batch, sq, sk) and a key mask."""
+    ok = (vis if vis.dim() == 3 else vis[None])[:, None]
+    return ok if mask is None else ok & mask[:, None, None, :]
+
+
 def _dense(q, k, v, vis, mask, scale):
-    """float64 attention of q over keys k/v with visibility vis (sq, sk) and key mask; (out, lse)."""
+    """float64 attention of q over keys k/v with visibility vis ((batch,) sq, sk) and key mask; (out, lse)."""
     q, k, v = q.double(), k.double(), v.double()
     g = q.shape[2] // k.shape[2]
     k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
     s = torch.einsum("bihd,bjhd->bhij", q, k) * scale
-    ok = vis[None, None] if mask is None else vis[None, None] & mask[:, None, None, :]
+    ok = _allowed(vis, mask)
     s = s.masked_fill(~ok, float("-inf"))
     lse = torch.logsumexp(s, -1)
     p = torch.exp(s - torch.where(torch.isfinite(lse), lse, float("inf"))[..., None])
@@ -34,10 +45,11 @@ def _dense(q, k, v, vis, mask, scale):
 
 def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: int, head_dim: int, band: Band,
                 masked: bool, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
-                bucket_size: int | None = None) -> dict[str, float]:
+                bucket_size: int | None = None, documents: bool = False) -> dict[str, float]:
     """Relative errors of out, lse, dq, dk, dv for two K/V blocks folded one after the other.
 
-    The first block is full (it starts the state: ``fresh``), the second has ``band``: the backend
+    The first block is full (it starts the state: ``fresh``), the second has ``band`` (and, with
+    ``documents``, random document ids per row and column, different per batch element): the backend
     must continue the state the first left. "written": the second block again, from the same
     state, writing the normalised output itself (``out``, the rows' last block); "alone": the
     second block as the only one (fresh and last, as at W = 1). The backward is checked for the
@@ -52,28 +64,33 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
     mask = (torch.rand(2, sk, generator=g) > 0.25) if masked else None
     if masked:
         mask[0, : sk // 2] = False
+    q_doc, k_doc = (random_documents(2, n, g) for n in (sq, sk)) if documents else (None, None)
     scale = head_dim ** -0.5
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     qc, k1c, v1c, k2c, v2c, doc = map(cast, (q, k1, v1, k2, v2, do))
     mask_c = None if mask is None else mask.to(device)
-    full = Band()
+    first = Visibility(Band(), mask_c)
+    second = Visibility(band, mask_c, None if q_doc is None else BlockDocuments(q_doc.to(device), k_doc.to(device)))
     backend = kernels.get(backend_name, bucket_size)
     state = State.empty(qc)
-    backend.forward(qc, k1c, v1c, state, full, mask_c, scale, fresh=True)
+    backend.forward(qc, k1c, v1c, state, first, scale, fresh=True)
     after_first = State(state.acc.clone(), state.m.clone(), state.lse.clone())
-    backend.forward(qc, k2c, v2c, state, band, mask_c, scale)
+    backend.forward(qc, k2c, v2c, state, second, scale)
     out = state.output()
     written = torch.full_like(qc, float("nan"))
-    backend.forward(qc, k2c, v2c, after_first, band, mask_c, scale, out=written)
+    backend.forward(qc, k2c, v2c, after_first, second, scale, out=written)
     alone, alone_state = torch.full_like(qc, float("nan")), State.empty(qc)
-    backend.forward(qc, k2c, v2c, alone_state, band, mask_c, scale, fresh=True, out=alone)
+    backend.forward(qc, k2c, v2c, alone_state, second, scale, fresh=True, out=alone)
 
     # Reference: both blocks at once (keys concatenated), visibility per block.
-    vis = torch.cat([torch.ones(sq, sk, dtype=torch.bool), band_pairs(sq, sk, band)], 1)
+    vis2 = band_pairs(sq, sk, band)
+    if q_doc is not None:
+        vis2 = vis2[None] & (q_doc[:, :, None] == k_doc[:, None, :])
+    vis = torch.cat([torch.ones_like(vis2), vis2], -1)
     kk, vv = torch.cat([k1, k2], 1), torch.cat([v1, v2], 1)
     mm = None if mask is None else torch.cat([mask, mask], 1)
     ref_out, ref_lse = _dense(q, kk, vv, vis, mm, scale)
-    ref_alone, ref_alone_lse = _dense(q, k2, v2, band_pairs(sq, sk, band), mask, scale)
+    ref_alone, ref_alone_lse = _dense(q, k2, v2, vis2, mask, scale)
     errors = {"out": rel_err(out.cpu(), ref_out), "written": rel_err(written.cpu(), ref_out),
               "alone": rel_err(alone.cpu(), ref_alone)}
     for key, lse, ref in (("lse", state.lse, ref_lse), ("written lse", after_first.lse, ref_lse),
@@ -97,7 +114,7 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
     dq = torch.zeros(qc.shape, dtype=acc, device=device)
     dk = torch.zeros(k2c.shape, dtype=acc, device=device)
     dv = torch.zeros(v2c.shape, dtype=acc, device=device)
-    backend.backward(doc, qc, k2c, v2c, out_c, state.lse, delta, dq, dk, dv, band, mask_c, scale)
+    backend.backward(doc, qc, k2c, v2c, out_c, state.lse, delta, dq, dk, dv, second, scale)
     errors["dq"] = rel_err(dq.cpu(), ref_dq - ref_dq1)
     errors["dk"] = rel_err(dk.cpu(), ref_dk)
     errors["dv"] = rel_err(dv.cpu(), ref_dv)
@@ -107,8 +124,7 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
 def _dense_scores(q, k, vis, mask, scale):
     g = q.shape[2] // k.shape[2]
     s = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(g, 2)) * scale
-    ok = vis[None, None] if mask is None else vis[None, None] & mask[:, None, None, :]
-    return s.masked_fill(~ok, float("-inf"))
+    return s.masked_fill(~_allowed(vis, mask), float("-inf"))
 
 
 def _dq_of_block(q, k, v, do, out, lse, vis, mask, scale):

@@ -13,7 +13,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, mask=None,
     """softmax(q kᵀ · scale) v over the full sequence, computed in ``dtype``; empty rows give 0.
 
     q: (batch, seq, heads, d); k, v: (batch, seq, kv_heads, d); mask: (batch, seq) bool keys;
-    ``visible_pairs`` (seq, seq) bool replaces the causal/lookback rule when given.
+    ``visible_pairs`` (seq, seq) or (batch, seq, seq) bool replaces the causal/lookback rule when given.
     """
     q, k, v = (t.to(dtype) for t in (q, k, v))
     group = q.shape[2] // k.shape[2]
@@ -29,7 +29,7 @@ def dense_attention(q: Tensor, k: Tensor, v: Tensor, *, causal=False, mask=None,
             visible_pairs &= diff >= 0
         if lookback is not None:
             visible_pairs &= diff < lookback
-    visible = visible_pairs[None, None]
+    visible = visible_pairs[:, None] if visible_pairs.dim() == 3 else visible_pairs[None, None]
     if mask is not None:
         visible = visible & mask[:, None, None, :]
     s = s.masked_fill(~visible, float("-inf"))

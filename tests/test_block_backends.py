@@ -19,12 +19,12 @@ SHAPES = [  # (sq, sk, heads, kv_heads, head_dim)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("band", BANDS, ids=str)
 def test_torch_backend_block(dtype, band):
-    for (sq, sk, h, hk, d), masked in itertools.product(SHAPES, [False, True]):
+    for (sq, sk, h, hk, d), masked, documents in itertools.product(SHAPES, [False, True], [False, True]):
         for bucket in (None, 3):
             errors = check_block("torch", sq=sq, sk=sk, heads=h, kv_heads=hk, head_dim=d, band=band, masked=masked,
-                                 dtype=dtype, bucket_size=bucket)
+                                 dtype=dtype, bucket_size=bucket, documents=documents)
             bad = {k: v for k, v in errors.items() if not v <= BOUND[dtype]}
-            assert not bad, f"sq={sq} sk={sk} h={h}/{hk} d={d} mask={masked} bucket={bucket}: {bad}"
+            assert not bad, f"sq={sq} sk={sk} h={h}/{hk} d={d} mask={masked} docs={documents} bucket={bucket}: {bad}"
 
 
 SDPA_BANDS = [b for b in BANDS if b.hi is None and (b.lo is None or b.lo >= 0)]
@@ -43,13 +43,16 @@ def test_sdpa_backend_block_on_cpu(dtype, band):
 
 def test_sdpa_backend_refuses_what_it_cannot_compute():
     from ring_sp import kernels
-    from ring_sp.kernels import Band
+    from ring_sp.kernels import Band, BlockDocuments, Visibility
 
     sdpa = kernels.get("sdpa")
     q = torch.randn(1, 8, 2, 16)
-    assert "key mask" in sdpa.unsupported(q, q, Band(), has_mask=True)
-    assert "full and causal" in sdpa.unsupported(q, q, Band(lo=0, hi=3), has_mask=False)
-    assert "full and causal" in sdpa.unsupported(q, q, Band(lo=-2), has_mask=False)
+    ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]], dtype=torch.int32)
+    assert "key mask" in sdpa.unsupported(q, q, Visibility(Band(), torch.ones(1, 8, dtype=torch.bool)))
+    assert "document" in sdpa.unsupported(q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids)))
+    assert "full and causal" in sdpa.unsupported(q, q, Visibility(Band(lo=0, hi=3)))
+    assert "full and causal" in sdpa.unsupported(q, q, Visibility(Band(lo=-2)))
     # auto falls back to another backend for those blocks
-    assert kernels.choose("auto", q, q, Band(lo=0, hi=3), False).name in ("torch", "triton")
-    assert kernels.choose("auto", q, q, Band(lo=1), False).name == "sdpa"
+    assert kernels.choose("auto", q, q, Visibility(Band(lo=0, hi=3))).name in ("torch", "triton")
+    assert kernels.choose("auto", q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids))).name == "torch"
+    assert kernels.choose("auto", q, q, Visibility(Band(lo=1))).name == "sdpa"

@@ -53,8 +53,8 @@ def test_backend_that_cannot_serve_the_inputs():
     class OnlyFull:
         name = "only_full"
 
-        def unsupported(self, q, k, band, has_mask):
-            return None if band.kind == "full" else "computes full blocks only"
+        def unsupported(self, q, k, visibility):
+            return None if visibility.kind == "full" else "computes full blocks only"
 
     kernels.register("only_full", lambda bucket: OnlyFull(), priority=-1)
     q, k, v = qkv()

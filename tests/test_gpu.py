@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from ring_sp import kernels, merge, ring_attention_simulated, split
-from ring_sp.kernels import Band
+from ring_sp.kernels import Visibility
 from tests.reference import reference_grads, rel_err
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -63,7 +63,7 @@ def test_ring_on_gpu_matches_reference(backend, dtype, world):
         if backend in SDPA_NAMES and (masked or window):
             continue  # the fused ops take no key mask or window: auto sends those blocks to triton
         q, k, v, mask, do = _problem(world, dtype, kv_heads, head_dim, masked)
-        if backend.startswith("sdpa_") and kernels.get(backend).unsupported(q, k, Band(), False):
+        if backend.startswith("sdpa_") and kernels.get(backend).unsupported(q, k, Visibility()):
             pytest.skip(f"{backend} is not available on this GPU for {dtype}")
         vis = _visible(world * LOCAL, causal, window)
         ref = reference_grads(q, k, v, do, mask=mask, visible_pairs=vis)

@@ -31,6 +31,16 @@ def test_every_band_kind(dtype, band, masked):
     _check(dtype, sq=7, sk=5, heads=2, kv_heads=2, head_dim=16, band=band, masked=masked)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("band", BANDS, ids=str)
+@pytest.mark.parametrize("masked", [False, True])
+def test_documents_in_a_block(dtype, band, masked):
+    """Blocks spanning several documents (different per batch element): masked in the kernel, and tiles
+    that share no document skipped (lengths over several 16-tiles, so whole tiles are skipped)."""
+    _check(dtype, sq=70, sk=53, heads=4, kv_heads=2, head_dim=32, band=band, masked=masked, documents=True)
+    _check(dtype, sq=7, sk=5, heads=2, kv_heads=2, head_dim=16, band=band, masked=masked, documents=True)
+
+
 @pytest.mark.parametrize("head_dim", [16, 48, 64, 96, 128, 256])
 def test_head_dims(head_dim):
     _check(torch.float16, sq=20, sk=18, heads=2, kv_heads=1, head_dim=head_dim, band=BANDS[1], masked=True)
@@ -39,7 +49,7 @@ def test_head_dims(head_dim):
 def test_megatron_strides_without_copies():
     """q, k, v as (seq, batch, heads, dim) tensors seen through .transpose(0, 1)."""
     from ring_sp import kernels
-    from ring_sp.kernels import State
+    from ring_sp.kernels import State, Visibility
 
     g = torch.Generator().manual_seed(0)
     q_sbhd = torch.randn(24, 2, 4, 32, generator=g).to(DEVICE, torch.float16)
@@ -50,7 +60,7 @@ def test_megatron_strides_without_copies():
     outs = []
     for name, args in (("triton", (q, k, v)), ("torch", (q.contiguous(), k.contiguous(), v.contiguous()))):
         state = State.empty(q)
-        kernels.get(name).forward(*args, state, BANDS[1], None, 32 ** -0.5)
+        kernels.get(name).forward(*args, state, Visibility(BANDS[1]), 32 ** -0.5)
         outs.append(state.output())
     assert ((outs[0] - outs[1]).norm() / outs[1].norm()).item() < 2e-3
 

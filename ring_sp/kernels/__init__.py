@@ -2,11 +2,12 @@
 
 import importlib.util
 
-from ring_sp.kernels.band import Band
+from ring_sp.band import Band
 from ring_sp.kernels.registry import Backend, choose, get, names, register
 from ring_sp.kernels.sdpa_backend import SdpaBackend
 from ring_sp.kernels.state import State, state_dtype
 from ring_sp.kernels.torch_backend import TorchBackend
+from ring_sp.kernels.visibility import BlockDocuments, Visibility
 
 register("torch", TorchBackend, priority=0)
 
@@ -35,5 +36,5 @@ if importlib.util.find_spec("flash_attn") is not None:
 for _op in ("cudnn", "flash", "efficient", "cpu"):
     register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
 
-__all__ = ["Backend", "Band", "SdpaBackend", "State", "TorchBackend", "choose", "get", "names", "register",
-           "state_dtype"]
+__all__ = ["Backend", "Band", "BlockDocuments", "SdpaBackend", "State", "TorchBackend", "Visibility", "choose", "get",
+           "names", "register", "state_dtype"]

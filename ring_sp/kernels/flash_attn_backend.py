@@ -23,9 +23,10 @@ import logging
 import torch
 from torch import Tensor
 
-from ring_sp.kernels.band import Band
+from ring_sp.band import Band
 from ring_sp.kernels.sdpa_backend import accumulate, fold
 from ring_sp.kernels.state import State
+from ring_sp.kernels.visibility import Visibility
 
 log = logging.getLogger("ring_sp")
 
@@ -52,12 +53,12 @@ class FlashAttnBackend:
         window = -1 if band.hi is None else band.hi - band.lo
         return band.lo, sq - band.lo, True, window
 
-    def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
+    def unsupported(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
         if q.device.type != "cuda" or q.dtype not in (torch.float16, torch.bfloat16):
             return "needs fp16/bf16 CUDA tensors"
-        if has_mask:
-            return "takes no key mask"
-        if self._call_shape(band, q.shape[1], k.shape[1]) is None:
+        if visibility.key_mask is not None or visibility.documents is not None:
+            return "takes no key mask and no document mask"
+        if self._call_shape(visibility.band, q.shape[1], k.shape[1]) is None:
             return "computes full blocks and square causal/window blocks only"
         if not self._works(q):
             return "failed its self-check against the torch backend on this GPU"
@@ -68,15 +69,15 @@ class FlashAttnBackend:
                                 return_attn_probs=True)
         return out, lse
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None,
-                scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
-        row0, n_keys, causal, window = self._call_shape(band, q.shape[1], k.shape[1])
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, visibility: Visibility, scale: float, *,
+                fresh: bool = False, out: Tensor | None = None) -> None:
+        row0, n_keys, causal, window = self._call_shape(visibility.band, q.shape[1], k.shape[1])
         o, lse = self._attend(q[:, row0:], k[:, :n_keys], v[:, :n_keys], causal, window, scale)
         fold(state, row0, o, lse.float(), fresh=fresh, out=out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
-                 dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:
-        row0, n_keys, causal, window = self._call_shape(band, q.shape[1], k.shape[1])
+                 dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
+        row0, n_keys, causal, window = self._call_shape(visibility.band, q.shape[1], k.shape[1])
         q_, k_, v_ = q[:, row0:].contiguous(), k[:, :n_keys].contiguous(), v[:, :n_keys].contiguous()
         gq, gk, gv = torch.empty_like(q_), torch.empty_like(k_), torch.empty_like(v_)
         args = dict(dout=do[:, row0:].contiguous(), q=q_, k=k_, v=v_, out=out[:, row0:].contiguous(),
@@ -109,11 +110,11 @@ class FlashAttnBackend:
         results = []
         for backend in (self, TorchBackend()):
             state = State.empty(q)
-            backend.forward(q, k, v, state, Band(lo=1, hi=40), None, 0.125)
+            backend.forward(q, k, v, state, Visibility(Band(lo=1, hi=40)), 0.125)
             out = state.output().to(dtype)
             delta = (do.float() * out.float()).sum(-1).transpose(1, 2)
             grads = [torch.zeros(t.shape, device=device) for t in (q, k, v)]
-            backend.backward(do, q, k, v, out, state.lse, delta, *grads, Band(lo=1, hi=40), None, 0.125)
+            backend.backward(do, q, k, v, out, state.lse, delta, *grads, Visibility(Band(lo=1, hi=40)), 0.125)
             results.append([out.float(), *grads])
         worst = max(((a - b).norm() / b.norm()).item() for a, b in zip(*results))
         if not worst < 2e-2:

@@ -2,14 +2,15 @@
 
 A backend computes one block of attention with no distribution:
 
-- ``forward(q, k, v, state, band, key_mask, scale)`` folds the K/V block into ``state`` in place.
-- ``backward(do, q, k, v, out, lse, delta, dq, dk, dv, band, key_mask, scale)`` adds this
+- ``forward(q, k, v, state, visibility, scale)`` folds the K/V block into ``state`` in place.
+- ``backward(do, q, k, v, out, lse, delta, dq, dk, dv, visibility, scale)`` adds this
   block's gradients to the float32 accumulators dq, dk, dv in place, given the *final* output
   ``out`` and log-sum-exp ``lse`` of the query rows and delta = rowsum(do · out).
+- ``unsupported(q, k, visibility)`` says why it cannot compute such a block (None: it can).
 
 Shapes: q, do, out, dq (batch, seq_q, heads, head_dim); k, v, dk, dv (batch, seq_k, kv_heads,
 head_dim), heads % kv_heads == 0, query head i using K/V head i // (heads // kv_heads); lse,
-delta (batch, heads, seq_q); key_mask (batch, seq_k) bool, True = may be attended, or None.
+delta (batch, heads, seq_q). ``visibility`` (:class:`Visibility`): band, key mask, documents.
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from typing import Protocol
 
 from torch import Tensor
 
-from ring_sp.kernels.band import Band
 from ring_sp.kernels.state import State
+from ring_sp.kernels.visibility import Visibility
 
 log = logging.getLogger("ring_sp")
 
@@ -30,11 +31,11 @@ class Backend(Protocol):
     name: str
     auto_devices: tuple[str, ...] | None  # device types "auto" may use it on (None: any)
 
-    def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
+    def unsupported(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
         """Why this backend cannot compute such a block, or None if it can."""
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None, scale: float,
+        self, q: Tensor, k: Tensor, v: Tensor, state: State, visibility: Visibility, scale: float,
         *, fresh: bool = False, out: Tensor | None = None,
     ) -> None:
         """Fold K/V block (k, v) into ``state`` of query rows q. ``fresh``: the state holds no keys yet
@@ -54,8 +55,7 @@ class Backend(Protocol):
         dq: Tensor,
         dk: Tensor,
         dv: Tensor,
-        band: Band,
-        key_mask: Tensor | None,
+        visibility: Visibility,
         scale: float,
     ) -> None: ...
 
@@ -85,7 +85,7 @@ def get(name: str, bucket_size: int | None = None) -> Backend:
     return _INSTANCES[key]
 
 
-def choose(name: str, q: Tensor, k: Tensor, band: Band, has_mask: bool, bucket_size: int | None = None) -> Backend:
+def choose(name: str, q: Tensor, k: Tensor, visibility: Visibility, bucket_size: int | None = None) -> Backend:
     """The backend that computes a block: ``name`` itself, or for ``auto`` the first that can.
 
     Raises ValueError when the named backend (or, for ``auto``, every backend) cannot serve it.
@@ -97,15 +97,15 @@ def choose(name: str, q: Tensor, k: Tensor, band: Band, has_mask: bool, bucket_s
         devices = getattr(backend, "auto_devices", None)
         if name == "auto" and devices is not None and q.device.type not in devices:
             continue
-        reason = backend.unsupported(q, k, band, has_mask)
+        reason = backend.unsupported(q, k, visibility)
         if reason is None:
             if name == "auto":
-                key = (q.device.type, q.dtype, q.shape[-1], band.kind, has_mask, candidate)
+                key = (q.device.type, q.dtype, q.shape[-1], visibility.kind, candidate)
                 if key not in _LOGGED:
                     _LOGGED.add(key)
-                    log.debug("backend auto: %s for %s blocks (%s, %s, head_dim %d, mask=%s)",
-                              candidate, band.kind, q.device.type, q.dtype, q.shape[-1], has_mask)
+                    log.debug("backend auto: %s for %s blocks (%s, %s, head_dim %d)",
+                              candidate, visibility.kind, q.device.type, q.dtype, q.shape[-1])
             return backend
         reasons.append(f"{candidate}: {reason}")
-    raise ValueError(f"backend={name!r} cannot compute a {band.kind} block of these inputs ({'; '.join(reasons)}): "
-                     "pick another backend or backend='auto'")
+    raise ValueError(f"backend={name!r} cannot compute a {visibility.kind} block of these inputs "
+                     f"({'; '.join(reasons)}): pick another backend or backend='auto'")

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ring_sp.kernels.band import Band
+from ring_sp.band import Band
 from ring_sp.kernels.state import State
+from ring_sp.kernels.visibility import Visibility
 
 aten = torch.ops.aten
 
@@ -176,9 +177,12 @@ class SdpaBackend:
                 return op
         return None
 
-    def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
-        if has_mask:
+    def unsupported(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
+        band = visibility.band
+        if visibility.key_mask is not None:
             return "takes no key mask"
+        if visibility.documents is not None:
+            return "takes no document mask (blocks inside one document do not need one)"
         if band.hi is not None or (band.lo is not None and band.lo < 0):
             return f"computes full and causal blocks only, not lo={band.lo}, hi={band.hi}"
         if self._op(q) is None:
@@ -192,11 +196,11 @@ class SdpaBackend:
             return 0, sk, False
         return band.lo, min(sk, sq - band.lo), True
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band, key_mask: Tensor | None,
-                scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, visibility: Visibility, scale: float, *,
+                fresh: bool = False, out: Tensor | None = None) -> None:
         op = self._op(q)
         sq = q.shape[1]
-        row0, n_keys, causal = self._shifted(band, sq, k.shape[1])
+        row0, n_keys, causal = self._shifted(visibility.band, sq, k.shape[1])
         if row0 >= sq or n_keys <= 0:
             state.finish(out)
             return
@@ -205,9 +209,9 @@ class SdpaBackend:
         fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
-                 dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:
+                 dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         op = self._op(q)
-        row0, n_keys, causal = self._shifted(band, q.shape[1], k.shape[1])
+        row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
         if row0 >= q.shape[1] or n_keys <= 0:
             return
         t = lambda x: x[:, row0:].transpose(1, 2)  # noqa: E731

@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ring_sp.kernels.band import Band
+from ring_sp.band import Band
 from ring_sp.kernels.state import State, state_dtype
+from ring_sp.kernels.visibility import Visibility
 
 DEFAULT_BUCKET = 1024
 
@@ -45,19 +46,23 @@ class TorchBackend:
     def __init__(self, bucket_size: int | None = None):
         self.bucket = bucket_size or DEFAULT_BUCKET
 
-    def unsupported(self, q: Tensor, k: Tensor, band: Band, has_mask: bool) -> str | None:
+    def unsupported(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
         if not q.is_floating_point():
             return f"needs floating-point inputs, got {q.dtype}"
         return None
 
-    def _scores(self, q: Tensor, k: Tensor, band: Band, key_mask: Tensor | None, scale: float,
-                q0: int, k0: int, full: bool) -> Tensor:
-        """Scaled scores (batch, kv_heads, group, tq, tk), −inf where not visible."""
+    def _scores(self, q: Tensor, k: Tensor, vis: Visibility, scale: float, rows: slice, cols: slice,
+                full: bool) -> Tensor:
+        """Scaled scores (batch, kv_heads, group, tq, tk) of the tile at ``rows`` × ``cols``, −inf where
+        not visible."""
         s = torch.einsum("bihgd,bjhd->bhgij", q, k) * scale
         if not full:
-            s = s.masked_fill(~_visible(band, q0, q.shape[1], k0, k.shape[1], s.device), float("-inf"))
-        if key_mask is not None:
-            s = s.masked_fill(~key_mask[:, None, None, None, :], float("-inf"))
+            s = s.masked_fill(~_visible(vis.band, rows.start, q.shape[1], cols.start, k.shape[1], s.device),
+                              float("-inf"))
+        if vis.key_mask is not None:
+            s = s.masked_fill(~vis.key_mask[:, None, None, None, cols], float("-inf"))
+        if vis.documents is not None:
+            s = s.masked_fill(~vis.documents.same(rows, cols)[:, None, None], float("-inf"))
         return s
 
     def _tile_pairs(self, band: Band, sq: int, sk: int):
@@ -69,8 +74,8 @@ class TorchBackend:
                 if any_visible:
                     yield slice(q0, q0 + tq), slice(k0, k0 + tk), full
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, band: Band,
-                key_mask: Tensor | None, scale: float, *, fresh: bool = False, out: Tensor | None = None) -> None:
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, visibility: Visibility, scale: float, *,
+                fresh: bool = False, out: Tensor | None = None) -> None:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
@@ -79,9 +84,8 @@ class TorchBackend:
         acc = state.acc.view(b, sq, hk, g, d)
         m_all = state.m.view(b, hk, g, sq)
         lse_all = state.lse.view(b, hk, g, sq)
-        for rows, cols, full in self._tile_pairs(band, sq, k.shape[1]):
-            mask = None if key_mask is None else key_mask[:, cols]
-            s = self._scores(qg[:, rows].to(dt), k[:, cols].to(dt), band, mask, scale, rows.start, cols.start, full)
+        for rows, cols, full in self._tile_pairs(visibility.band, sq, k.shape[1]):
+            s = self._scores(qg[:, rows].to(dt), k[:, cols].to(dt), visibility, scale, rows, cols, full)
             m_old = m_all[..., rows]
             m_new = torch.maximum(m_old, s.amax(-1))
             m_ref = torch.where(torch.isfinite(m_new), m_new, 0.0)
@@ -94,7 +98,7 @@ class TorchBackend:
         state.finish(out)
 
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
-                 dq: Tensor, dk: Tensor, dv: Tensor, band: Band, key_mask: Tensor | None, scale: float) -> None:
+                 dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         b, sq, h, d = q.shape
         hk = k.shape[2]
         g = h // hk
@@ -103,10 +107,9 @@ class TorchBackend:
         dqg = dq.view(b, sq, hk, g, d)
         lse_ref = torch.where(torch.isfinite(lse), lse, float("inf")).view(b, hk, g, sq)
         delta = delta.view(b, hk, g, sq)
-        for rows, cols, full in self._tile_pairs(band, sq, k.shape[1]):
-            mask = None if key_mask is None else key_mask[:, cols]
+        for rows, cols, full in self._tile_pairs(visibility.band, sq, k.shape[1]):
             qt, kt, vt, dot = qg[:, rows].to(dt), k[:, cols].to(dt), v[:, cols].to(dt), dog[:, rows].to(dt)
-            s = self._scores(qt, kt, band, mask, scale, rows.start, cols.start, full)
+            s = self._scores(qt, kt, visibility, scale, rows, cols, full)
             p = torch.exp(s - lse_ref[..., rows].unsqueeze(-1))
             dv[:, cols] += torch.einsum("bhgij,bihgd->bjhd", p, dot)
             dp = torch.einsum("bihgd,bjhd->bhgij", dot, vt)

@@ -1,9 +1,14 @@
 """Triton kernels for one block of attention: a forward that continues a float32 state, and a backward.
 
 Visibility of key column j to query row i (both relative to the block's corner) is the band
-lo ≤ i − j ≤ hi (HAS_LO / HAS_HI say which bounds exist), optionally and-ed with a key mask.
+lo ≤ i − j ≤ hi (HAS_LO / HAS_HI say which bounds exist), optionally and-ed with a key mask and,
+for blocks that span several documents (HAS_DOCS), with "row and column share a document".
 Column (or row) tiles wholly inside the band run without any masking; tiles wholly outside are
-never visited. Scores are kept in base 2 (scale · log2 e) so the kernels use exp2.
+never visited. With documents, a row tile visits only the column tiles between the first column
+of its first row's document and the last column of its last row's document (and a column tile
+likewise), so tiles that share no document are skipped. Document ids are int32 (batch, length)
+contiguous arrays; KLo/KHi (per row) and QLo/QHi (per column) give the other axis's range of the
+document. Scores are kept in base 2 (scale · log2 e) so the kernels use exp2.
 """
 
 import triton
@@ -68,6 +73,16 @@ def _band_ranges(start, BLOCK_ACROSS: tl.constexpr, BLOCK_ALONG: tl.constexpr, n
 
 
 @triton.jit
+def _document_range(start, BLOCK_ACROSS: tl.constexpr, BLOCK_ALONG: tl.constexpr, n_across, Lo, Hi, first, last):
+    """[first, last) narrowed to the tiles along the other axis that share a document with the tile of
+    BLOCK_ACROSS rows (or columns) at ``start``: from its first element's document start to its last
+    element's document end (Lo/Hi already offset to the batch element)."""
+    d_first = tl.load(Lo + start)
+    d_last = tl.load(Hi + tl.minimum(start + BLOCK_ACROSS, n_across) - 1)
+    return tl.maximum(first, (d_first // BLOCK_ALONG) * BLOCK_ALONG), tl.minimum(last, d_last)
+
+
+@triton.jit
 def _row_block(HAS_LO: tl.constexpr):
     """This program's block of query rows. Under a causal bound (lo) the last rows see the most
     keys: launch them first so the grid does not end on a tail of long programs."""
@@ -91,10 +106,11 @@ def _row_program(H, G, SQ, D, HAS_LO: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK
 
 
 @triton.jit
-def _row_scores(q, k, rows, cols, mask_base, stride_ms, SK, scale2, lo, hi, BAND: tl.constexpr,
-                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr):
-    """Base-2 scores q · kᵀ of a (rows × cols) tile, −inf where the band (if BAND) or the key mask hides
-    a key."""
+def _row_scores(q, k, rows, cols, mask_base, stride_ms, q_docs, kdoc_base, SK, scale2, lo, hi, BAND: tl.constexpr,
+                HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                IEEE: tl.constexpr):
+    """Base-2 scores q · kᵀ of a (rows × cols) tile, −inf where the band (if BAND), the key mask or a
+    document boundary hides a key."""
     if IEEE:
         qk = tl.dot(q, tl.trans(k), input_precision="ieee") * scale2
     else:
@@ -104,14 +120,17 @@ def _row_scores(q, k, rows, cols, mask_base, stride_ms, SK, scale2, lo, hi, BAND
     if HAS_MASK:
         keep = tl.load(mask_base + cols * stride_ms, mask=cols < SK, other=0)
         qk = tl.where(keep[None, :] != 0, qk, float("-inf"))
+    if HAS_DOCS:
+        k_docs = tl.load(kdoc_base + cols, mask=cols < SK, other=-2)
+        qk = tl.where(q_docs[:, None] == k_docs[None, :], qk, float("-inf"))
     return qk
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m, offs_d,
-               start, end, SK, D, scale2, lo, hi,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, q_docs, kdoc_base,
+               offs_m, offs_d, start, end, SK, D, scale2, lo, hi,
                BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-               EVEN_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+               HAS_DOCS: tl.constexpr, EVEN_D: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
@@ -123,8 +142,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :])
         else:
             k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, SK, scale2, lo, hi,
-                         BAND, HAS_LO, HAS_HI, HAS_MASK, IEEE)
+        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, q_docs, kdoc_base, SK, scale2, lo, hi,
+                         BAND, HAS_LO, HAS_HI, HAS_MASK, HAS_DOCS, IEEE)
         m_new = tl.maximum(m_i, tl.max(qk, 1))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(qk - m_ref[:, None])
@@ -150,13 +169,13 @@ _VARYING = ["lo", "hi"]
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def forward_kernel(Q, K, V, Mask, Acc, M, Lse, Out,
+def forward_kernel(Q, K, V, Mask, Acc, M, Lse, Out, QDoc, KDoc, KLo, KHi,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                    stride_mb, stride_ms, stride_ab, stride_as, stride_ah, stride_lb, stride_lh, stride_ls,
                    stride_ob, stride_os, stride_oh,
                    H, G, SQ, SK, D, scale2, lo, hi,
-                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
-                   IEEE: tl.constexpr, LOAD_ACCUMULATED: tl.constexpr, NORMALIZE: tl.constexpr,
+                   HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                   EVEN_D: tl.constexpr, IEEE: tl.constexpr, LOAD_ACCUMULATED: tl.constexpr, NORMALIZE: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """Fold one K/V block into the state (Acc, M, Lse). LOAD_ACCUMULATED: continue the stored state
     (else it holds no keys yet and is not read). NORMALIZE: the rows' last block: write the
@@ -182,15 +201,22 @@ def forward_kernel(Q, K, V, Mask, Acc, M, Lse, Out,
     mask_base = Mask + b * stride_mb
     first, full_first, full_last, last = _band_ranges(m0, BLOCK_M, BLOCK_N, SK, lo, hi, HAS_LO, HAS_HI,
                                                       True)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                               offs_m, offs_d, first, full_first, SK, D, scale2, lo, hi,
-                               True, HAS_LO, HAS_HI, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                               offs_m, offs_d, full_first, full_last, SK, D, scale2, lo, hi,
-                               False, HAS_LO, HAS_HI, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
-                               offs_m, offs_d, full_last, last, SK, D, scale2, lo, hi,
-                               True, HAS_LO, HAS_HI, HAS_MASK, EVEN_D, IEEE, BLOCK_N)
+    if HAS_DOCS:  # every visited tile is masked by document
+        q_docs = tl.load(QDoc + b * SQ + offs_m, mask=row_ok, other=-1)
+        first, last = _document_range(m0, BLOCK_M, BLOCK_N, SQ, KLo + b * SQ, KHi + b * SQ, first, last)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                                   q_docs, KDoc + b * SK, offs_m, offs_d, first, last, SK, D, scale2, lo, hi,
+                                   True, HAS_LO, HAS_HI, HAS_MASK, True, EVEN_D, IEEE, BLOCK_N)
+    else:
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                                   offs_m, KDoc, offs_m, offs_d, first, full_first, SK, D, scale2, lo, hi,
+                                   True, HAS_LO, HAS_HI, HAS_MASK, False, EVEN_D, IEEE, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                                   offs_m, KDoc, offs_m, offs_d, full_first, full_last, SK, D, scale2, lo, hi,
+                                   False, HAS_LO, HAS_HI, HAS_MASK, False, EVEN_D, IEEE, BLOCK_N)
+        acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms,
+                                   offs_m, KDoc, offs_m, offs_d, full_last, last, SK, D, scale2, lo, hi,
+                                   True, HAS_LO, HAS_HI, HAS_MASK, False, EVEN_D, IEEE, BLOCK_N)
 
     if NORMALIZE:  # rows that saw no key get 0
         o = acc * tl.where(l_i > 0.0, 1.0 / l_i, 0.0)[:, None]
@@ -204,10 +230,10 @@ def forward_kernel(Q, K, V, Mask, Acc, M, Lse, Out,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_keep, stride_qs, stride_dos, stride_ls,
-                stride_ds, offs_n, offs_d, start, end, SQ, D, scale2, lo, hi,
+def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_keep, k_docs, qdoc_base, stride_qs,
+                stride_dos, stride_ls, stride_ds, offs_n, offs_d, start, end, SQ, D, scale2, lo, hi,
                 BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-                IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
+                HAS_DOCS: tl.constexpr, IEEE: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_m0 = tl.arange(0, BLOCK_M)
     for m0 in range(start, end, BLOCK_M):
         rows = m0 + offs_m0
@@ -226,6 +252,9 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_keep, 
             qkT = tl.where(tl.trans(_band_ok(rows, offs_n, lo, hi, HAS_LO, HAS_HI)), qkT, float("-inf"))
         if HAS_MASK:
             qkT = tl.where(mask_keep[:, None] != 0, qkT, float("-inf"))
+        if HAS_DOCS:
+            q_docs = tl.load(qdoc_base + rows, mask=row_ok, other=-1)
+            qkT = tl.where(k_docs[:, None] == q_docs[None, :], qkT, float("-inf"))
         pT = tl.math.exp2(qkT - lse2[None, :])
         if IEEE:
             dv += tl.dot(pT.to(do.dtype), do, input_precision="ieee")
@@ -242,14 +271,14 @@ def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_keep, 
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, Mask, DK, DV,
+def backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, Mask, DK, DV, QDoc, KDoc, QLo, QHi,
                          stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                          stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                          stride_lb, stride_lh, stride_ls, stride_db, stride_dh, stride_ds, stride_mb, stride_ms,
                          stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
                          HK, G, SQ, SK, D, scale, scale2, lo, hi,
-                         HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                         HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                         IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HK
@@ -269,21 +298,30 @@ def backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, Mask, DK, DV,
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     first, full_first, full_last, last = _band_ranges(n0, BLOCK_N, BLOCK_M, SQ, lo, hi, HAS_LO, HAS_HI,
                                                       False)
+    k_docs = offs_n
+    if HAS_DOCS:  # every visited tile is masked by document
+        k_docs = tl.load(KDoc + b * SK + offs_n, mask=offs_n < SK, other=-2)
+        first, last = _document_range(n0, BLOCK_N, BLOCK_M, SK, QLo + b * SK, QHi + b * SK, first, last)
     for g in range(G):
         h = hk * G + g
         q_base = Q + b * stride_qb + h * stride_qh
         do_base = DO + b * stride_dob + h * stride_doh
         lse_base = Lse + b * stride_lb + h * stride_lh
         delta_base = Delta + b * stride_db + h * stride_dh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, stride_qs, stride_dos,
-                             stride_ls, stride_ds, offs_n, offs_d, first, full_first, SQ, D, scale2, lo, hi,
-                             True, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_M)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, stride_qs, stride_dos,
-                             stride_ls, stride_ds, offs_n, offs_d, full_first, full_last, SQ, D, scale2, lo, hi,
-                             False, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_M)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, stride_qs, stride_dos,
-                             stride_ls, stride_ds, offs_n, offs_d, full_last, last, SQ, D, scale2, lo, hi,
-                             True, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_M)
+        if HAS_DOCS:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, k_docs, QDoc + b * SQ,
+                                 stride_qs, stride_dos, stride_ls, stride_ds, offs_n, offs_d, first, last, SQ, D,
+                                 scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, True, IEEE, BLOCK_M)
+        else:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, k_docs, QDoc,
+                                 stride_qs, stride_dos, stride_ls, stride_ds, offs_n, offs_d, first, full_first, SQ,
+                                 D, scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, False, IEEE, BLOCK_M)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, k_docs, QDoc,
+                                 stride_qs, stride_dos, stride_ls, stride_ds, offs_n, offs_d, full_first, full_last,
+                                 SQ, D, scale2, lo, hi, False, HAS_LO, HAS_HI, HAS_MASK, False, IEEE, BLOCK_M)
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, keep, k_docs, QDoc,
+                                 stride_qs, stride_dos, stride_ls, stride_ds, offs_n, offs_d, full_last, last, SQ,
+                                 D, scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, False, IEEE, BLOCK_M)
     dk_ptrs = DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :]
     dv_ptrs = DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :]
     tl.store(dk_ptrs, tl.load(dk_ptrs, mask=kd_mask, other=0.0) + dk * scale, mask=kd_mask)
@@ -291,18 +329,18 @@ def backward_dkdv_kernel(Q, K, V, DO, Lse, Delta, Mask, DK, DV,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m, offs_d,
-              start, end, SK, D, scale2, lo, hi,
+def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, q_docs, kdoc_base,
+              offs_m, offs_d, start, end, SK, D, scale2, lo, hi,
               BAND: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr,
-              IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
+              HAS_DOCS: tl.constexpr, IEEE: tl.constexpr, BLOCK_N: tl.constexpr):
     offs_n = tl.arange(0, BLOCK_N)
     for n0 in range(start, end, BLOCK_N):
         cols = n0 + offs_n
         kv_mask = (cols[:, None] < SK) & (offs_d[None, :] < D)
         k = tl.load(k_base + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
         v = tl.load(v_base + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, SK, scale2, lo, hi,
-                         BAND, HAS_LO, HAS_HI, HAS_MASK, IEEE)
+        qk = _row_scores(q, k, offs_m, cols, mask_base, stride_ms, q_docs, kdoc_base, SK, scale2, lo, hi,
+                         BAND, HAS_LO, HAS_HI, HAS_MASK, HAS_DOCS, IEEE)
         p = tl.math.exp2(qk - lse2[:, None])
         if IEEE:
             dp = tl.dot(do, tl.trans(v), input_precision="ieee")
@@ -317,14 +355,14 @@ def _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stri
 
 
 @triton.jit(do_not_specialize=_VARYING)
-def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
+def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ, QDoc, KDoc, KLo, KHi,
                        stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                        stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                        stride_lb, stride_lh, stride_ls, stride_db, stride_dh, stride_ds, stride_mb, stride_ms,
                        stride_dqb, stride_dqs, stride_dqh,
                        H, G, SQ, SK, D, scale, scale2, lo, hi,
-                       HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, IEEE: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                       HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, HAS_MASK: tl.constexpr, HAS_DOCS: tl.constexpr,
+                       IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     b, h, hk, m0, offs_m, offs_d, row_ok, qd_mask = _row_program(H, G, SQ, D, HAS_LO, BLOCK_M, BLOCK_D)
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=qd_mask,
                 other=0.0)
@@ -340,13 +378,22 @@ def backward_dq_kernel(Q, K, V, DO, Lse, Delta, Mask, DQ,
     mask_base = Mask + b * stride_mb
     first, full_first, full_last, last = _band_ranges(m0, BLOCK_M, BLOCK_N, SK, lo, hi, HAS_LO, HAS_HI,
                                                       True)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
-                   offs_d, first, full_first, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
-                   offs_d, full_first, full_last, SK, D, scale2, lo, hi, False, HAS_LO, HAS_HI, HAS_MASK, IEEE,
-                   BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
-                   offs_d, full_last, last, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI, HAS_MASK, IEEE, BLOCK_N)
+    if HAS_DOCS:  # every visited tile is masked by document
+        q_docs = tl.load(QDoc + b * SQ + offs_m, mask=row_ok, other=-1)
+        first, last = _document_range(m0, BLOCK_M, BLOCK_N, SQ, KLo + b * SQ, KHi + b * SQ, first, last)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, q_docs,
+                       KDoc + b * SK, offs_m, offs_d, first, last, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI,
+                       HAS_MASK, True, IEEE, BLOCK_N)
+    else:
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
+                       KDoc, offs_m, offs_d, first, full_first, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI,
+                       HAS_MASK, False, IEEE, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
+                       KDoc, offs_m, offs_d, full_first, full_last, SK, D, scale2, lo, hi, False, HAS_LO, HAS_HI,
+                       HAS_MASK, False, IEEE, BLOCK_N)
+        dq = _dq_tiles(dq, q, do, lse2, delta, k_base, v_base, mask_base, stride_ks, stride_vs, stride_ms, offs_m,
+                       KDoc, offs_m, offs_d, full_last, last, SK, D, scale2, lo, hi, True, HAS_LO, HAS_HI,
+                       HAS_MASK, False, IEEE, BLOCK_N)
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :]
     tl.store(dq_ptrs, tl.load(dq_ptrs, mask=qd_mask, other=0.0) + dq * scale, mask=qd_mask)
 

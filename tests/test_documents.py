@@ -1,0 +1,219 @@
+"""Packed sequences (document masks): the schedule against brute force, the ring against the float64
+reference (simulated W ≤ 8, gloo W ≤ 4), the skip counts, bad boundaries, and document positions."""
+
+import itertools
+import random
+
+import pytest
+import torch
+
+from ring_sp import document_positions, local_positions, ring_attention, ring_attention_simulated, split
+from ring_sp.comm import SimulatedRing
+from ring_sp.documents import check_documents, document_ids
+from ring_sp.layout import LAYOUTS, segments
+from ring_sp.schedule import plan
+from tests.ring_cases import check_simulated, document_cases
+from tests.test_ring_distributed import check_distributed
+
+
+def _bounds(seq: int, rng: random.Random, longest: int) -> tuple[int, ...]:
+    out = [0]
+    while out[-1] < seq:
+        out.append(min(seq, out[-1] + rng.randint(1, longest)))
+    return tuple(out)
+
+
+def _cell_counts(sched, layout, world, n, docs):
+    """count[b][r][p_local, t_global]: how often the schedule computes query p of rank r against key t,
+    for batch element b's documents (a block marked ``documents`` shows same-document cells only)."""
+    seq = world * n
+    ids = [document_ids(b, torch.arange(seq)) for b in docs]
+    counts = torch.zeros(len(docs), world, n, seq, dtype=torch.long)
+    for step, per_rank in enumerate(sched.steps):
+        for r, blocks in enumerate(per_rank):
+            qpos = local_positions(seq, layout, r, world)
+            kpos = local_positions(seq, layout, sched.source(step, r), world)
+            for blk in blocks:
+                i = torch.arange(blk.q_start, blk.q_stop)[:, None]
+                j = torch.arange(blk.k_start, blk.k_stop)[None, :]
+                d = (i - blk.q_start) - (j - blk.k_start)
+                ok = torch.ones_like(d, dtype=torch.bool)
+                if blk.band.lo is not None:
+                    ok &= d >= blk.band.lo
+                if blk.band.hi is not None:
+                    ok &= d <= blk.band.hi
+                ii, jj = torch.broadcast_tensors(i, j)
+                for e, doc in enumerate(ids):
+                    cell = ok & (doc[qpos[ii]] == doc[kpos[jj]]) if blk.documents else ok
+                    counts[e, r].index_put_((ii[cell], kpos[jj[cell]]), torch.tensor(1), accumulate=True)
+    return counts, ids
+
+
+def _visible(layout, world, n, r, causal, lookback, reduce_col, ids):
+    seq = world * n
+    p = local_positions(seq, layout, r, world)[:, None]
+    t = torch.arange(seq)[None, :]
+    want = ids[p] == ids[t]
+    if causal:
+        want &= t <= p
+    if lookback is not None:
+        want &= p - t < lookback
+    if not reduce_col:
+        want &= torch.isin(t, local_positions(seq, layout, r, world))
+    return want
+
+
+# (document pattern, small-document threshold): 1 = every piece on its own, 10**6 = all grouped.
+PATTERNS = [("random", 1), ("random", 3), ("random", 10**6), ("ones", 10**6), ("whole", 3), ("per_batch", 3)]
+SCHEDULE_CASES = [
+    (layout, world, n, causal, lookback, reduce_col, small, pattern)
+    for layout, world, n, (causal, lookback), reduce_col, (pattern, small) in itertools.product(
+        LAYOUTS, [1, 2, 3, 5], [2, 6], [(False, None), (True, None), (True, 3)], [True, False], PATTERNS)
+]
+
+
+@pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col,small,pattern", SCHEDULE_CASES)
+def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, lookback, reduce_col, small, pattern):
+    seq = world * n
+    rng = random.Random(hash((layout, world, n, causal, lookback, reduce_col, small, pattern)) % 2**32)
+    if pattern == "random":
+        docs = (_bounds(seq, rng, 4),)
+    elif pattern == "ones":
+        docs = (tuple(range(seq + 1)),)
+    elif pattern == "whole":
+        docs = ((0, seq),)
+    else:
+        docs = (_bounds(seq, rng, 5), _bounds(seq, rng, 3))
+    sched = plan(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col, documents=docs,
+                 small_document=small)
+    counts, ids = _cell_counts(sched, layout, world, n, docs)
+    for e, doc in enumerate(ids):
+        for r in range(world):
+            want = _visible(layout, world, n, r, causal, lookback, reduce_col, doc)
+            assert torch.equal(counts[e, r], want.long()), f"element {e} rank {r}: computed != visible (or twice)"
+    # Skip counts against brute force: segment pairs with no visible cell in any batch element.
+    seen_by = [torch.stack([_visible(layout, world, n, r, causal, lookback, True, doc) for doc in ids]).any(0)
+               for r in range(world)]
+    skipped, busy_offsets = 0, set()
+    for offset in range(world if reduce_col else 1):
+        for r in range(world):
+            source = (r - offset) % world
+            for qs in segments(layout, r, world, n):
+                for ks in segments(layout, source, world, n):
+                    keys = local_positions(seq, layout, source, world)[ks.local_start:ks.local_start + ks.length]
+                    seen = bool(seen_by[r][qs.local_start:qs.local_start + qs.length][:, keys].any())
+                    skipped += not seen
+                    if seen:
+                        busy_offsets.add(offset)
+    c = sched.counts
+    assert c.skipped_blocks == skipped
+    assert c.passes == len(busy_offsets | {0}) and sched.offsets == tuple(sorted(busy_offsets | {0}))
+    assert c.skipped_passes == (world if reduce_col else 1) - c.passes
+    assert c.blocks == sum(len(b) for step in sched.steps for b in step)
+    for step in sched.steps:
+        assert all(blk.area > 0 for blocks in step for blk in blocks)
+    if small == 1 and len(docs) == 1:  # nothing is small: a block per document piece, none masked by document
+        assert not any(blk.documents for step in sched.steps for blocks in step for blk in blocks)
+
+
+def test_documents_inside_shards_need_no_communication():
+    """contiguous, every document inside one shard: one pass, no transfer, nothing sent."""
+    world, n = 4, 12
+    docs = (0, 5, 12, 13, 20, 24, 30, 36, 47, 48)
+    sched = plan("contiguous", world, n, causal=True, documents=(docs,))
+    assert (sched.counts.passes, sched.counts.skipped_passes, sched.counts.transfers) == (1, 3, 0)
+
+    class Recording(SimulatedRing):
+        hops = []
+
+        def exchange(self, sends, hops, buffers):
+            if any(x is not None for x in sends) and hops % self.size:
+                self.hops.append(hops)
+            return super().exchange(sends, hops, buffers)
+
+    q = torch.randn(1, world * n, 2, 8, dtype=torch.float64)
+    qs = [t.requires_grad_() for t in split(q, "contiguous", world)]
+    outs = ring_attention_simulated(qs, qs, qs, causal=True, cu_seqlens=docs, ring=Recording(world))
+    torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+    assert Recording.hops == []
+    # One document crossing a shard boundary: one pass more, and only that document's columns travel.
+    crossing = (0, 5, 14, 20, 24, 30, 36, 48)
+    sched = plan("contiguous", world, n, causal=True, documents=(crossing,))
+    assert sched.offsets == (0, 1) and sched.counts.transfers == 1
+    assert sched.columns(1, 1) == (5, 12)  # position 1 needs columns 5–11 of position 0 (document 5–14)
+
+
+def test_blocks_inside_one_long_document_are_plain():
+    """Long documents get blocks of their own without a document mask (cuDNN can take them); short ones
+    are grouped into one masked block."""
+    docs = ((0, 40, 41, 43, 46, 100, 128),)
+    sched = plan("contiguous", 1, 128, causal=True, documents=docs, small_document=16)
+    blocks = sched.steps[0][0]
+    plain = [(b.q_start, b.q_stop) for b in blocks if not b.documents]
+    grouped = [(b.q_start, b.q_stop) for b in blocks if b.documents]
+    assert plain == [(0, 40), (46, 100), (100, 128)] and grouped == [(40, 46)]
+
+
+# W = 1–4 run over gloo below (each rank also against the simulated ring); here larger rings with
+# auto, and the reference torch backend through the whole ring.
+@pytest.mark.parametrize("backend,world", [("auto", 5), ("auto", 8), ("torch", 3), ("torch", 8)])
+def test_simulated_ring_with_documents(world, backend):
+    failures = []
+    for case in document_cases(dtypes=("float64", "float32")):
+        failures += check_simulated(case, world, backend=backend)
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_simulated_ring_with_documents_in_bf16():
+    failures = []
+    for case in document_cases(dtypes=("bfloat16",)):
+        failures += check_simulated(case, 4)
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_distributed_ring_with_documents(dist_pool, world):
+    sizes = [None] + [r for r in range(2, world) if world % r == 0]
+    check_distributed(dist_pool(world), document_cases(dtypes=("float64", "float32"), ring_sizes=sizes))
+
+
+def test_bad_boundaries_name_the_fix():
+    q = torch.randn(2, 8, 2, 4)
+    for cu, match in [([1, 8], "from 0 to"), ([0, 7], "from 0 to"), ([0, 4, 4, 8], "strictly increasing"),
+                      ([[0, 8]] * 3, "3 boundary lists but the batch has 2"), ([0.0, 8.0], "list/tuple of ints"),
+                      (torch.tensor([0.0, 8.0]), "integer tensor"), ([0, 9], "S = 8")]:
+        with pytest.raises(ValueError, match=match):
+            ring_attention(q, q, q, cu_seqlens=cu)
+    # Per-batch lists, tensors and a 2-D tensor are all accepted.
+    assert check_documents([[0, 3, 8], torch.tensor([0, 8])], 2, 8) == ((0, 3, 8), (0, 8))
+    assert check_documents(torch.tensor([[0, 2, 8], [0, 2, 8]]), 2, 8) == ((0, 2, 8),)
+
+
+def test_ranks_that_disagree_on_boundaries_all_raise(dist_pool):
+    results = dist_pool(2).run(ring_cases_disagree)
+    assert all("of one ring disagree on cu_seqlens" in r for r in results), results
+
+
+def ring_cases_disagree() -> str:
+    import torch.distributed as dist
+
+    q = torch.randn(1, 4, 2, 4)
+    cu = [0, 3, 8] if dist.get_rank() == 0 else [0, 5, 8]
+    try:
+        ring_attention(q, q, q, cu_seqlens=cu)
+    except ValueError as e:
+        return str(e)
+    return "no error"
+
+
+def test_document_positions():
+    cu = [0, 3, 10, 16]
+    full = torch.tensor([0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5])
+    for layout, world in itertools.product(LAYOUTS, [1, 2, 4]):
+        for r in range(world):
+            got = document_positions(cu, 16, layout, r, world)
+            assert torch.equal(got, full[local_positions(16, layout, r, world)])
+    per_batch = document_positions([cu, [0, 16]], 16, "zigzag", 1, 2)
+    assert per_batch.shape == (2, 8)
+    assert torch.equal(per_batch[1], local_positions(16, "zigzag", 1, 2))
+
