@@ -405,18 +405,25 @@ def correctness_markdown(data: dict) -> str:
 # Scaling
 
 
+def _specs(item) -> list:
+    return [] if item is None else [(tuple(t.shape), t.dtype) for t in item if t is not None]
+
+
 class NoCommRing(DistributedRing):
-    """DistributedRing whose transfers are local copies of this rank's own block: same schedule,
-    same compute and allocations, no communication. Records the transfers it stands in for
-    (tensor shapes, dtypes, hops) in ``NoCommRing.log``."""
+    """DistributedRing whose transfers are local fills of the receive buffers: same schedule, same
+    compute and allocations, no communication. Records the transfers it stands in for (send and
+    receive shapes and dtypes, hops) in ``NoCommRing.log``."""
 
     log: list = []
 
-    def shift(self, items, hops):
-        NoCommRing.log.append(([(tuple(t.shape), t.dtype) for t in items[0]], hops))
+    def exchange(self, sends, hops, buffers):
         if hops % self.size == 0:
-            return Pending(items)
-        return Pending([[t.clone() for t in item] for item in items])
+            return Pending(list(sends))
+        received = buffers(0)
+        NoCommRing.log.append((_specs(sends[0]), _specs(received), hops))
+        for t in [] if received is None else [t for t in received if t is not None]:
+            t.fill_(True) if t.dtype == torch.bool else t.normal_()  # never compute on zeros
+        return Pending([received])
 
 
 @contextlib.contextmanager
@@ -453,12 +460,13 @@ def _comm_only(ctx: Ctx, log: list) -> Callable[[], None]:
     """Replays the recorded transfers through DistributedRing, with no compute between them."""
     ring = DistributedRing(dist.group.WORLD, ctx.world)
     buffers: dict = {}  # one send buffer per distinct (shape, dtype); receive buffers are new, as in the ring
-    items = [([buffers.setdefault(spec, torch.empty(spec[0], dtype=spec[1], device=ctx.device)) for spec in specs],
-              hops) for specs, hops in log]
+    items = [(tuple(buffers.setdefault(spec, torch.empty(spec[0], dtype=spec[1], device=ctx.device))
+                    for spec in sends) or None, receives, hops) for sends, receives, hops in log]
 
     def replay():
-        for item, hops in items:
-            ring.shift([item], hops).wait()
+        for item, receives, hops in items:
+            new = tuple(torch.empty(shape, dtype=dtype, device=ctx.device) for shape, dtype in receives) or None
+            ring.exchange([item], hops, lambda _, new=new: new).wait()
 
     return replay
 
