@@ -151,7 +151,10 @@ def main(argv=None) -> None:
     schedule.SMALL_DOCUMENT = default_small
     rows.append(ring_row(q, k, v, do, args.world, args.layouts[0], None, default_small))
     for row in rows:
-        f_fwd, f_fb = (row.pop("flops"), 3.5 * row["flops"]) if "flops" in row else docs_flops
+        f_fwd, f_fb = docs_flops
+        if "flops" in row:
+            f_fwd = row.pop("flops")
+            f_fb = 3.5 * f_fwd
         if "no documents" in row["kind"] and "ring" in row["kind"]:
             f_fwd, f_fb = useful_flops([args.seq], False), useful_flops([args.seq], True)
         row["fwd_tflops"], row["fwd_bwd_tflops"] = f_fwd / row["fwd_ms"] / 1e9, f_fb / row["fwd_bwd_ms"] / 1e9
