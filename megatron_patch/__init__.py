@@ -10,6 +10,7 @@
 
 from megatron_patch.batch import shard_batch
 from megatron_patch.core_attention import RingCoreAttention
+from megatron_patch.documents import boundaries_from_eod, document_mask, reset_position_ids
 from megatron_patch.megatron_lm import apply, configure, restore
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
 from megatron_patch.rope import LayoutRotaryEmbedding
@@ -20,6 +21,9 @@ __all__ = [
     "RingCoreAttention",
     "RingOptions",
     "add_ring_attention_args",
+    "boundaries_from_eod",
+    "document_mask",
+    "reset_position_ids",
     "apply",
     "configure",
     "restore",

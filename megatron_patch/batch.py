@@ -6,6 +6,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from torch import Tensor
 
+from megatron_patch.documents import document_mask, is_document_mask
 from ring_sp import local_positions
 from ring_sp.layout import check_seq_len
 
@@ -23,21 +24,30 @@ def _group_size_rank(cp_group) -> tuple[int, int]:
     return dist.get_world_size(cp_group), dist.get_rank(cp_group)
 
 
-def shard_batch(batch: dict, layout: str, cp_group=None) -> dict:
+def shard_batch(batch: dict, layout: str, cp_group=None, *, documents=None) -> dict:
     """This rank's share of ``batch`` under ``layout`` (a new dict; the input is not changed).
 
     Tensors are sharded along dim 1 (tokens, labels, loss_mask, position_ids: [batch, seq]),
     ``attention_mask`` along dim 2 (its query rows: [batch, 1, seq, seq]); None values,
-    non-tensors and ``METADATA_KEYS`` pass through. ``cp_group``: the ring (default: Megatron's context-parallel group).
-    For ``zigzag`` this is exactly Megatron's ``get_batch_on_this_cp_rank``. Raises ValueError if a
-    sequence length does not split as the layout needs, before anything is sliced.
+    non-tensors, document masks and ``METADATA_KEYS`` pass through. ``cp_group``: the ring (default:
+    Megatron's context-parallel group). ``documents``: packed sequences, the boundaries
+    ``[0, e1, ..., seq]`` of the whole sequences (one list, or one per sequence; see
+    ``ring_sp.ring_attention``'s ``cu_seqlens``): the result's ``attention_mask`` becomes their
+    document mask, which the ring core attention honours. For ``zigzag`` without documents this is
+    exactly Megatron's ``get_batch_on_this_cp_rank``. Raises ValueError if a sequence length does not
+    split as the layout needs, before anything is sliced.
     """
+    if documents is not None:
+        tokens = batch.get("tokens")
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2:
+            raise ValueError("shard_batch(..., documents=...) needs batch['tokens'] [batch, seq] to size the mask")
+        batch = dict(batch, attention_mask=document_mask(documents, *tokens.shape))
     size, rank = _group_size_rank(cp_group)
     if batch.get("cu_seqlens") is not None:
         raise ValueError("the batch holds cu_seqlens (packed sequences, THD format), which ring attention does not "
                          "support: feed padded [batch, seq] samples")
     dims = {key: (2 if key == "attention_mask" else 1) for key, val in batch.items()
-            if isinstance(val, Tensor) and key not in METADATA_KEYS}
+            if isinstance(val, Tensor) and key not in METADATA_KEYS and not is_document_mask(val)}
     for key, dim in dims.items():
         val = batch[key]
         if val.dim() <= dim:

@@ -16,6 +16,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_patch import defaults
+from megatron_patch.documents import documents_of, is_document_mask
 from megatron_patch.options import RingOptions, lookback_from_window
 from ring_sp import local_positions, ring_attention
 
@@ -108,7 +109,11 @@ class RingCoreAttention(MegatronModule):
     def forward(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                 attn_mask_type: AttnMaskType | None = None, attention_bias: Tensor | None = None,
                 packed_seq_params=None) -> Tensor:
-        """query [sq, b, heads, d], key/value [sq, b, groups, d] → [sq, b, heads * d]."""
+        """query [sq, b, heads, d], key/value [sq, b, groups, d] → [sq, b, heads * d].
+
+        ``attention_mask``: None (the mask type says causal or not), Megatron's bool mask when it is
+        the plain causal or full one, or a document mask (``megatron_patch.documents``): then a query
+        attends only inside its document."""
         if packed_seq_params is not None:
             raise ValueError("packed sequences (packed_seq_params, THD format) are not supported by ring attention: "
                              "feed padded [batch, seq] samples")
@@ -118,12 +123,20 @@ class RingCoreAttention(MegatronModule):
             raise ValueError(f"query {tuple(query.shape)} and key {tuple(key.shape)} must be [seq, batch, heads, "
                              "head_dim] of one length (a KV cache for inference is not supported)")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        documents = None
+        if is_document_mask(attention_mask):
+            documents, attention_mask = documents_of(attention_mask), None
+        elif self.options.documents:
+            raise ValueError("--reset-attention-mask: this batch carries no document boundaries, so ring attention "
+                             "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
+                             "(its batch split adds them); Megatron-core: shard_batch(..., documents=cu_seqlens)")
         causal = self._causal(mask_type, attention_mask, query.shape[0], query.device)
         out = ring_attention(
             query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
             causal=causal, layout=self.options.layout, ring_reduce_col=self.options.reduce_col,
             bucket_size=self.options.bucket_size, max_lookback_seq_len=self.lookback,
             softmax_scale=self.softmax_scale, group=self.group, backend=self.options.backend,
+            cu_seqlens=documents,
         )
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
@@ -145,14 +158,16 @@ class RingCoreAttention(MegatronModule):
         if why is None:
             matching = [c for c in candidates if self._pattern_matches(mask, local_seq, c, device)]
             if not matching:
-                why = ("it is not the plain causal mask (document masking from --reset-attention-mask, padding, ...)"
+                why = ("it is not the plain causal mask (a dense document mask, padding, ...)"
                        if candidates == (True,) else f"it matches no mask the ring computes for {mask_type}")
         self._agree(why is None, device)  # every rank raises together, or none does
         if why is not None:
             shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"attention_mask {shape} cannot be honoured by ring attention: {why}. "
                              "Ring attention applies causal (and sliding-window) masking itself: pass "
-                             "attention_mask=None (Megatron-LM: --no-create-attention-mask-in-dataloader)")
+                             "attention_mask=None (Megatron-LM: --no-create-attention-mask-in-dataloader); for "
+                             "documents pass their boundaries (--reset-attention-mask, or "
+                             "shard_batch(..., documents=cu_seqlens))")
         return matching[0]
 
     def _mask_problem(self, mask: Tensor, local_seq: int) -> str | None:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from megatron_patch import defaults
 from megatron_patch.batch import shard_batch
+from megatron_patch.documents import boundaries_from_eod, document_mask
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
 from megatron_patch.rope import LayoutRotaryEmbedding
 from megatron_patch.spec import with_ring_core_attention
@@ -87,15 +88,35 @@ def _wrap_batch_split(original):
     @functools.wraps(original)
     def get_batch_on_this_cp_rank(batch, *args, **kwargs):
         options = defaults.megatron_lm_options()
-        if options is None or options.layout == "zigzag":  # Megatron's own split is the zigzag layout
+        if options is None:
             return original(batch, *args, **kwargs)
-        group = kwargs.get("cp_group")
-        if group is None:
-            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
-        batch.update(shard_batch(batch, options.layout, group))
+        mask = None
+        if options.documents:  # from the whole sequences, before the split; replaces Megatron's dense mask
+            tokens = batch["tokens"]
+            mask = document_mask(boundaries_from_eod(tokens, _eod_token()), *tokens.shape)
+            batch["attention_mask"] = None
+        if options.layout == "zigzag":  # Megatron's own split is the zigzag layout
+            batch = original(batch, *args, **kwargs)
+        else:
+            group = kwargs.get("cp_group")
+            if group is None:
+                group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+            batch.update(shard_batch(batch, options.layout, group))
+        if mask is not None:
+            batch["attention_mask"] = mask
         return batch
 
     return get_batch_on_this_cp_rank
+
+
+def _eod_token() -> int:
+    """The end-of-document token id of Megatron-LM's tokenizer (what --reset-attention-mask splits on)."""
+    try:
+        from megatron.training import get_tokenizer
+    except ImportError:
+        raise ValueError("--reset-attention-mask with ring attention needs Megatron-LM's tokenizer "
+                         "(megatron.training) to find document ends") from None
+    return get_tokenizer().eod
 
 
 def apply() -> list[str]:

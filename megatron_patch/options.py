@@ -29,6 +29,8 @@ class RingOptions:
     reduce_col: False attends to this rank's own K/V only (local attention).
     bucket_size: tile length of the ``torch`` backend.
     ring_size: None or the context-parallel size (sub-rings are refused, see ``check_ring_size``).
+    documents: every batch carries document boundaries (Megatron-LM's ``--reset-attention-mask``); a
+    batch without them is refused instead of attending across documents.
     """
 
     layout: str = "zigzag"
@@ -37,6 +39,7 @@ class RingOptions:
     reduce_col: bool = True
     bucket_size: int | None = None
     ring_size: int | None = None
+    documents: bool = False
 
     def check(self) -> None:
         """Raise ValueError naming the flag if a field is malformed."""
@@ -78,6 +81,7 @@ class RingOptions:
             reduce_col=getattr(args, "ring_reduce_col", default.reduce_col),
             bucket_size=getattr(args, "ring_bucket_size", default.bucket_size),
             ring_size=getattr(args, "ring_size", default.ring_size),
+            documents=bool(getattr(args, "reset_attention_mask", False)),
         )
 
 
@@ -141,7 +145,8 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
     options = RingOptions.from_args(args)
     options.check()
     if not getattr(args, "ring_attention", False):
-        changed = [f.name for f in fields(RingOptions) if getattr(options, f.name) != getattr(RingOptions(), f.name)]
+        changed = [f.name for f in fields(RingOptions)
+                   if f.name != "documents" and getattr(options, f.name) != getattr(RingOptions(), f.name)]
         if changed:
             raise ValueError(f"ring options {', '.join(changed)} were given without --ring-attention: add "
                              "--ring-attention or drop them")
@@ -167,8 +172,6 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
                          f"--ring-layout zigzag, or one of {', '.join(LAYOUT_AWARE_POSITIONS)}")
     if position == "relative":
         raise ValueError("--position-embedding-type relative (an attention bias) is not supported by ring attention")
-    if getattr(args, "reset_attention_mask", False):
-        raise ValueError("--reset-attention-mask (document masking) is not supported by ring attention: drop it")
     if getattr(args, "multi_latent_attention", False):
         raise ValueError("--multi-latent-attention is not supported by ring attention")
     window = lookback_from_window(getattr(args, "window_size", None))

@@ -31,9 +31,11 @@ from megatron_patch import (
     RingOptions,
     add_ring_attention_args,
     megatron_lm,
+    reset_position_ids,
     ring_gpt_model,
     shard_batch,
 )
+from ring_sp.documents import document_ids
 
 VOCAB = 64
 
@@ -125,6 +127,32 @@ def make_batches(steps: int, replicas: int, micro: int, seq: int, seed: int) -> 
     return batches * steps
 
 
+def _documents(case: dict, rows: slice) -> list[list[int]] | None:
+    """Per sample of the batch (rows of it), document boundaries with random lengths 1–11 (case['documents']
+    seeds them), or None."""
+    if case.get("documents") is None:
+        return None
+    g = torch.Generator().manual_seed(case["documents"])
+    out = []
+    for _ in range(64):
+        bounds = [0]
+        while bounds[-1] < case["seq"]:
+            bounds.append(min(case["seq"], bounds[-1] + int(torch.randint(1, 12, (1,), generator=g))))
+        out.append(bounds)
+    return out[rows]
+
+
+def _with_documents(case: dict, part: dict, docs) -> dict:
+    """Position ids restart in every document (--reset-position-ids), as the data would give them."""
+    return part if docs is None else dict(part, position_ids=reset_position_ids(docs, case["seq"]))
+
+
+def _cross_document_mask(docs: list[list[int]], seq: int) -> torch.Tensor:
+    """[n, 1, seq, seq] bool, True where query and key lie in different documents (the reference's mask)."""
+    ids = torch.stack([document_ids(b, torch.arange(seq)) for b in docs])
+    return (ids[:, :, None] != ids[:, None, :])[:, None]
+
+
 def _causal_mask(n: int, seq: int) -> torch.Tensor:
     """Megatron's dataloader mask: [n, 1, seq, seq] bool, True = masked out."""
     return torch.triu(torch.ones(seq, seq, dtype=torch.bool), 1).expand(n, 1, seq, seq).contiguous()
@@ -155,6 +183,9 @@ def run_reference(case: dict, replicas: int) -> dict:
             part = {k: v[d * micro:(d + 1) * micro] for k, v in batch.items()}
             if case.get("mask", False):
                 part["attention_mask"] = _causal_mask(micro, case["seq"])
+            docs = _documents(case, slice(d * micro, (d + 1) * micro))
+            if docs is not None:
+                part = dict(_with_documents(case, part, docs), attention_mask=_cross_document_mask(docs, case["seq"]))
             s, n = _masked_sum(model, part)
             total = total + s / n / replicas
         total.backward()
@@ -196,10 +227,13 @@ def _ring_model(case: dict, config: TransformerConfig, options: RingOptions):
     return model
 
 
-def _shard(case: dict, part: dict, cp_group) -> dict:
+def _shard(case: dict, part: dict, rows: slice, cp_group) -> dict:
     if case.get("build") == "apply":
         return megatron_utils.get_batch_on_this_cp_rank(dict(part), cp_group=cp_group)
-    return shard_batch(part, case.get("data_layout", case["layout"]), cp_group)
+    docs = _documents(case, rows)
+    ring_docs = None if case.get("hide_documents") else docs  # negative control: the ring is not told
+    return shard_batch(_with_documents(case, part, docs), case.get("data_layout", case["layout"]), cp_group,
+                       documents=ring_docs)
 
 
 def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
@@ -225,7 +259,7 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
         part = {k: v[dp_rank * micro:(dp_rank + 1) * micro] for k, v in batch.items()}
         if case.get("mask", False):
             part["attention_mask"] = _causal_mask(micro, case["seq"])
-        local = _shard(case, part, cp_group)
+        local = _shard(case, part, slice(dp_rank * micro, (dp_rank + 1) * micro), cp_group)
         optimizer.zero_grad()
         s, n = _masked_sum(model, local)
         n_total = n.detach().clone()

@@ -217,3 +217,21 @@ def test_document_positions():
     assert per_batch.shape == (2, 8)
     assert torch.equal(per_batch[1], local_positions(16, "zigzag", 1, 2))
 
+
+
+def test_megatron_document_masks():
+    """Boundaries from EOD tokens (Megatron-LM's --reset-attention-mask: the EOD ends its document), their
+    compact mask and back, and position ids that restart in every document."""
+    from megatron_patch import boundaries_from_eod, document_mask, reset_position_ids
+    from megatron_patch.documents import documents_of, is_document_mask
+
+    eod = 9
+    tokens = torch.tensor([[1, 9, 2, 3, 9, 4, 5, 9], [1, 2, 3, 4, 5, 6, 7, 8]])
+    bounds = boundaries_from_eod(tokens, eod)
+    assert bounds == [[0, 2, 5, 8], [0, 8]]
+    mask = document_mask(bounds, 2, 8)
+    assert is_document_mask(mask) and not is_document_mask(torch.zeros(2, 1, 8, 8, dtype=torch.bool))
+    assert documents_of(mask) == bounds
+    assert reset_position_ids(bounds, 8).tolist() == [[0, 1, 0, 1, 2, 0, 1, 2], list(range(8))]
+    with pytest.raises(ValueError, match="strictly increasing"):
+        document_mask([[0, 3, 3, 8]], 1, 8)

@@ -82,9 +82,24 @@ def test_training_tracks_reference_loss_curve(dist_pool):
         assert losses[0] - losses[-1] > 0.05, f"the loss barely moved ({losses}): the curve comparison is vacuous"
 
 
-@pytest.mark.parametrize("control", [{"rope_layout": "zigzag"}, {"data_layout": "zigzag"}])
+@pytest.mark.parametrize("tp,cp", [(1, 2), (1, 4), (2, 2)])
+def test_packed_documents(dist_pool, tp, cp):
+    """Packed documents (random lengths 1–11, different per sample, position ids reset per document):
+    the ring model given their boundaries (shard_batch(..., documents=...)) equals the model on one rank
+    with block-diagonal causal attention, every layout, RoPE and learned positions, GQA."""
+    seq = 8 * cp
+    layouts = LAYOUTS if (tp, cp) == (1, 2) else [{4: "zigzag", 2: "contiguous"}[cp]]
+    cases = [_case(layout, groups=2, documents=1, seq=seq, micro=2 if cp == 2 else 1) for layout in layouts]
+    if (tp, cp) == (1, 2):
+        cases += [_case("striped", "learned_absolute", documents=2, seq=seq, micro=1, window=(4, 0))]
+    _check(dist_pool(4).run(megatron_jobs.compare_with_reference, tp, cp, cases, timeout=600), cases)
+
+
+@pytest.mark.parametrize("control", [{"rope_layout": "zigzag"}, {"data_layout": "zigzag"},
+                                     {"documents": 1, "hide_documents": True}])
 def test_negative_controls_fail_the_bounds(dist_pool, control):
-    """Striped ring attention fed zigzag RoPE positions or zigzag-sharded data must miss the bounds."""
+    """Striped ring attention fed zigzag RoPE positions or zigzag-sharded data, or not told the documents
+    the reference masks, must miss the bounds."""
     position = "rope" if "rope_layout" in control else "learned_absolute"
     case = _case("striped", position, **control)
     (r,), *_ = dist_pool(2).run(megatron_jobs.compare_with_reference, 1, 2, [case], timeout=600)
