@@ -37,7 +37,6 @@ def _args(argv, **megatron_args):
     (["--ring-attention"], {"transformer_impl": "transformer_engine"},
      ["Transformer Engine", "--transformer-impl local"]),
     (["--ring-attention", "--ring-layout", "striped"], {"position_embedding_type": "mrope"}, ["--ring-layout zigzag"]),
-    (["--ring-attention"], {"reset_attention_mask": True}, ["--reset-attention-mask"]),
     (["--ring-attention", "--ring-max-lookback", "8"], {"window_size": (3, 0)},
      ["--window-size", "--ring-max-lookback"]),
     (["--ring-attention"], {"window_size": (3, 2)}, ["right side of the window must be 0"]),
@@ -62,6 +61,10 @@ def test_validate_ring_args_accepts_and_reads_options():
     assert RingOptions.from_args(args) == RingOptions("contiguous", "auto", 4, False, 64, 4)
     validate_ring_args(_args([]), 1)  # no ring attention, no ring flags: nothing to say
     assert RingOptions.from_args(argparse.Namespace()) == RingOptions()
+    documents = _args(["--ring-attention"], reset_attention_mask=True, seq_length=32)
+    validate_ring_args(documents, 4)  # document masking is the ring's too now
+    assert RingOptions.from_args(documents).documents
+    validate_ring_args(_args([], reset_attention_mask=True), 1)  # Megatron's own flag, no ring: fine
 
 
 def test_parser_refuses_unknown_layout():
