@@ -11,7 +11,7 @@ import subprocess
 import pytest
 
 from launch import ds_config
-from launch.pretrain_gpt import parse_and_check
+from launch.args import parse_and_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "deepspeed_configs", "*.json")))
@@ -102,7 +102,13 @@ BAD = [
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, [], 2, "builds AdamW and its learning-rate schedule"),
     ({"activation_checkpointing": {"partition_activations": True}}, [], 2,
      "'activation_checkpointing' is not read by this job"),
-    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], 2, "zero_optimization is invalid"),
+    ({"zero_optimization": {"stage": 4}}, [], 2, "zero_optimization must be an object whose stage is 0, 1, 2 or 3"),
+    ({}, ["--nan-skip-limit", "3"], 2, "--nan-skip-limit applies to --nan-policy skip only"),
+    ({}, ["--nan-policy", "skip"], 2, "--nan-policy skip: with ZeRO stage 0 in fp32 DeepSpeed applies every"),
+    ({"zero_optimization": {"stage": 1}}, ["--nan-policy", "skip", "--nan-skip-limit", "0"], 2,
+     "--nan-skip-limit 0: use a positive integer"),
+    ({"ring_attention": {"size": 2, "backend": "tirton"}}, ["--ring-attention"], 2,
+     "ring_attention.backend = 'tirton': use \"auto\" or one of"),
     ({"bf16": {"enabled": False}}, ["--bf16"], 2, "bf16.enabled is False but the command line says --bf16 True"),
     ({}, ["--context-parallel-size", "2"], 2, "--context-parallel-size 2 needs --ring-attention"),
     ({"zero_optimization": {"stage": 3, "reduce_scatter": True}, "ring_attention": {"size": 2}}, ["--ring-attention"],
@@ -127,6 +133,12 @@ def test_bad_config_names_the_problem(monkeypatch, tmp_path, config, argv, world
     with pytest.raises(ValueError) as info:
         _check(monkeypatch, world, argv, config, tmp_path)
     assert message in str(info.value)
+
+
+def test_zero_section_is_checked_against_deepspeeds_schema():
+    with pytest.raises(ValueError, match="ds.json: zero_optimization is invalid"):
+        ds_config.check_zero_section({"zero_optimization": {"stage": 2, "overlap_com": True}}, "ds.json")
+    ds_config.check_zero_section({"zero_optimization": {"stage": 2, "overlap_comm": True}}, "ds.json")
 
 
 def test_unreadable_config(monkeypatch, tmp_path):
