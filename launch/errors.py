@@ -39,13 +39,13 @@ class RunError(JobError):
 
 def _lost_peer(error: BaseException) -> str | None:
     """The one-line account of a collective that failed because another rank stopped, else None."""
-    text = str(error)
-    first = text.strip().splitlines()[0] if text.strip() else type(error).__name__
-    if "Connection closed by peer" in text or "Connection reset by peer" in text:
-        return f"another rank stopped (its own output says why), so this one cannot go on ({first})"
-    if "timed out" in text.lower() or "timeout" in text.lower():
-        return (f"another rank did not answer within --distributed-timeout-minutes (it hangs or stopped; its own "
-                f"output says why) ({first})")
+    text = str(error).lower()
+    for phrase in ("connection closed by peer", "connection reset by peer"):
+        if phrase in text:
+            return f"another rank stopped (its own output says why), so this one cannot go on ({phrase})"
+    if "timed out" in text or "timeout" in text:
+        return ("another rank did not answer within --distributed-timeout-minutes: it hangs or has stopped (its own "
+                "output says why)")
     return None
 
 
