@@ -37,6 +37,6 @@ def configure(verbose: bool, rank: int) -> None:
 def warnings_above(bar) -> None:
     """Print warnings above the tqdm progress ``bar`` instead of into its line."""
     def show(message, category, filename, lineno, file=None, line=None):
-        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip())
+        bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=bar.fp)
 
     warnings.showwarning = show

@@ -30,7 +30,8 @@ class PlantedInf:
 def run_job(argv: list[str], planted: list[int]) -> dict:
     """Check ``argv`` as the job does, build its Job, load ``--load``, and train (launch.train.run).
 
-    Returns {"error": None} or the JobError the run ended with: message, exit code, agreed."""
+    Returns {"error": None}, or the error the run ended with as launch.errors reports it: message, exit
+    code, whether every rank agreed on it (a JobError; a ValueError is bad input, exit code 2)."""
     from launch import checkpoint, train
     from launch.args import parse_and_check
     from launch.errors import JobError
@@ -47,6 +48,7 @@ def run_job(argv: list[str], planted: list[int]) -> dict:
         try:
             start = checkpoint.load(job.engine, args.load, args.load_tag) if args.load else 0
             train.run(job, start)
-        except JobError as error:
-            return {"error": str(error), "exit_code": error.exit_code, "agreed": error.agreed}
+        except (JobError, ValueError) as error:
+            return {"error": str(error), "exit_code": getattr(error, "exit_code", 2),
+                    "agreed": getattr(error, "agreed", False)}
     return {"error": None}

@@ -28,11 +28,12 @@ def job_env() -> dict:
     return {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def write_config(path, ring: int | None, stage: int, micro: int) -> str:
+def write_config(path, ring: int | None, stage: int, micro: int, backend: str | None = "torch") -> str:
+    """A DeepSpeed config at ``path`` (a ring section if ``ring``; no backend in it if ``backend`` is None)."""
     config = {"train_micro_batch_size_per_gpu": micro, "train_batch_size": GLOBAL_BATCH,
               "zero_optimization": {"stage": stage}, "gradient_clipping": 1.0}
     if ring:
-        config["ring_attention"] = {"size": ring, "layout": "zigzag", "backend": "torch"}
+        config["ring_attention"] = {"size": ring, "layout": "zigzag", **({"backend": backend} if backend else {})}
     path.write_text(json.dumps(config))
     return str(path)
 
@@ -44,10 +45,10 @@ def read_metrics(path) -> dict[int, dict]:
 
 def deepspeed_run(tmp_path, name: str, nproc: int, ring: int | None, stage: int, extra: list[str],
                   timeout: float = 300, launcher: str = "deepspeed", tensor: int = 1,
-                  stdout: list[str] | None = None) -> dict[int, dict]:
+                  output: list[str] | None = None) -> dict[int, dict]:
     """Run the job under `deepspeed --num_gpus nproc` (or torchrun); returns its per-iteration metrics.
 
-    ``stdout``: a list to append the launcher's standard output to."""
+    ``output``: a list to append the launcher's standard output and error to."""
     replicas = nproc // ((ring or 1) * tensor)
     extra = [*extra, "--tensor-model-parallel-size", str(tensor)]
     config = write_config(tmp_path / f"{name}.json", ring, stage, GLOBAL_BATCH // replicas)
@@ -58,8 +59,8 @@ def deepspeed_run(tmp_path, name: str, nproc: int, ring: int | None, stage: int,
            "--metrics-file", str(path), *extra]
     done = subprocess.run(cmd, cwd=ROOT, env=job_env(), capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{name} failed:\n{done.stdout[-3000:]}\n{done.stderr[-5000:]}"
-    if stdout is not None:
-        stdout.append(done.stdout)
+    if output is not None:
+        output.append(done.stdout + done.stderr)
     return read_metrics(path)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 
@@ -31,12 +32,13 @@ def _world(command: list[str]) -> int:
     return nodes * int(command[command.index("--num_gpus") + 1])
 
 
-def _demo_command() -> str:
-    """`make demo`'s command line, as make would run it."""
+def _demo_command(demo_args: str = "") -> str:
+    """`make demo DEMO_ARGS=...`'s command line, as make would run it."""
     # under `make test` this is a sub-make: drop the parent's flags so no "Entering directory" lines appear
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
-    out = subprocess.run(["make", "-s", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT,
-                         capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo",
+                          f"DEMO_ARGS={demo_args}"], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=env).stdout
     return out.replace("\\\n", " ")
 
 
@@ -55,6 +57,22 @@ def test_shipped_configs_resolve_for_their_launch_commands(monkeypatch):
         if "--hostfile" in command:
             hostfile = command[command.index("--hostfile") + 1]
             assert os.path.exists(hostfile)
+
+
+def _demo_argv(demo_args: str = "") -> list[str]:
+    command = shlex.split(_demo_command(demo_args))
+    return command[command.index("launch/pretrain_gpt.py") + 1:]
+
+
+def test_each_demo_run_has_its_own_directory_and_takes_a_backend(monkeypatch):
+    argv = _demo_argv()
+    save = argv[argv.index("--save") + 1]
+    assert re.fullmatch(r"runs/demo-\d{8}-\d{6}", save) and argv[argv.index("--plot") + 1] == f"{save}/loss.png"
+    monkeypatch.chdir(ROOT)
+    args, config = _check(monkeypatch, 2, _demo_argv("--no-ring-reduce-col --ring-backend sdpa"))
+    assert (args.ring_reduce_col, args.ring_backend, config["ring_attention"]["backend"]) == (False, "sdpa", "sdpa")
+    args, _ = _check(monkeypatch, 2, _demo_argv("--save runs/mine"))  # given --save, the run goes there
+    assert (args.save, args.plot) == ("runs/mine", None)
 
 
 def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):

@@ -73,10 +73,17 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
     tmp = runs["tmp"]
     save = str(tmp / "ckpt")
     # stopped under torchrun, resumed under the DeepSpeed launcher: the job runs under both
-    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save], launcher="torchrun")
+    quiet, verbose = [], []
+    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save], launcher="torchrun",
+                          output=quiet)
     assert open(os.path.join(save, "latest")).read() == "iter_0000003"
-    resumed = deepspeed_run(tmp, "resumed", 2, 2, 1, ["--load", save])
+    resumed = deepspeed_run(tmp, "resumed", 2, 2, 1, ["--load", save, "--verbose"], output=verbose)
     assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]
+    # Megatron-core's and DeepSpeed's warnings are hidden, and shown with --verbose (torchrun adds nothing
+    # of its own: what the first run printed is the job's; the DeepSpeed launcher logs its own lines)
+    assert "Setting accelerator to CPU" not in quiet[0]
+    for hidden in ("Transformer Engine and Apex are not installed", "UserWarning", "FutureWarning"):
+        assert hidden not in quiet[0] and hidden in verbose[0], hidden
     uninterrupted = runs["ring2"]
     for i in range(1, 7):
         got = (first if i <= 3 else resumed)[i]
@@ -93,7 +100,7 @@ def test_activation_recompute_gives_the_same_run(runs, name, flags, says):
     # backward. The recomputed forward is the same arithmetic on the same inputs, so loss and gradient
     # norm are those of the ring2 run without recompute; seen: bitwise equal, every iteration.
     out = []
-    got = deepspeed_run(runs["tmp"], f"recompute_{name}", 2, 2, 1, ["--exit-interval", "4", *flags], stdout=out)
+    got = deepspeed_run(runs["tmp"], f"recompute_{name}", 2, 2, 1, ["--exit-interval", "4", *flags], output=out)
     assert says in out[0]  # the built model's TransformerConfig has it: the flags were not silently dropped
     assert sorted(got) == [1, 2, 3, 4]
     plain = runs["ring2"]

@@ -17,6 +17,7 @@ import subprocess
 import pytest
 import torch
 
+from launch import errors
 from launch.args import parse_and_check
 from tests.pretrain_jobs import run_job
 from tests.pretrain_runs import GLOBAL_BATCH, MODEL, bare_ranks, read_metrics, write_config
@@ -167,3 +168,38 @@ def test_changed_bytes_are_found_by_their_checksum_after_start_up(dist_pool, sav
     manifest = json.load(open(os.path.join(copy, "iter_0000002", "ring_sp.json")))
     assert sorted(manifest["files"]) == ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                                          "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+
+
+def test_a_backend_that_cannot_run_stops_every_rank_as_bad_input(dist_pool, tmp_path):
+    # Found at the first ring attention, after start-up; ring_attention makes every rank raise alike.
+    config = write_config(tmp_path / "no_backend.json", 2, 1, GLOBAL_BATCH, backend=None)
+    for r in dist_pool(2).run(run_job, _argv(config, "--ring-backend", "sdpa_cudnn"), []):
+        assert r["exit_code"] == 2 and r["error"].startswith("backend='sdpa_cudnn' cannot compute"), r
+
+
+GLOO_PEER = ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:22191: Connection "
+             "reset by peer. This is typically caused by a remote worker hanging or bugs in the application.")
+
+
+@pytest.mark.parametrize("error,rank,code,printed", [
+    (ValueError("--seq-length 66: use a multiple of 4"), 1, 2, "[rank 1] error: --seq-length 66: use a multiple of 4"),
+    (errors.ConfigError("--load d: damaged", agreed=True), 0, 2, "[rank 0] error: --load d: damaged"),
+    (errors.ConfigError("--load d: damaged", agreed=True), 1, 2, None),  # rank 0 speaks for all
+    (errors.RunError("iteration 3: the loss is nan", agreed=True), 1, 1, None),
+    (errors.RunError("iteration 3: the loss is nan", agreed=True), 0, 1,
+     "[rank 0] error: iteration 3: the loss is nan"),
+    (RuntimeError(GLOO_PEER), 1, 1, "[rank 1] error: another rank stopped (its own output says why), so this one "
+                                    "cannot go on (connection reset by peer)"),
+])
+def test_one_line_and_an_exit_code_per_failure(capsys, error, rank, code, printed):
+    with pytest.raises(SystemExit) as info, errors.reported(rank, debug=False):
+        raise error
+    assert info.value.code == code
+    assert capsys.readouterr().err.splitlines() == ([printed] if printed else [])
+
+
+@pytest.mark.parametrize("error,debug", [(RuntimeError("an unforeseen bug"), False), (ValueError("bad input"), True),
+                                         (errors.RunError("the loss is nan", agreed=True), True)])
+def test_the_unforeseen_and_debug_keep_the_traceback(error, debug):
+    with pytest.raises(type(error)), errors.reported(0, debug=debug):
+        raise error
