@@ -35,8 +35,10 @@ demo: $(VENV)/.installed
 attention-demo: $(VENV)/.installed
 	$(PY) launch/ring_attention_demo.py --nproc $(NPROC)
 
+# Two pytest workers (pytest-xdist): single-threaded tests overlap the multi-process ones.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ring_sp megatron_patch launch tests benchmarks

@@ -77,6 +77,7 @@ def test_skip_policy_stops_after_the_limit(dist_pool, config, tmp_path):
         assert "the last finite loss was" in r["error"] and "at iteration 1" in r["error"]
 
 
+@pytest.mark.slow
 def test_huge_learning_rate_ends_the_job_with_one_line(config, tmp_path):
     # The issue's `--lr 1e6`: the loss turns nan. Exit code 1 on every rank, one line (rank 0's), no
     # traceback, and no checkpoint from the first non-finite iteration on.
@@ -139,6 +140,7 @@ def test_damaged_checkpoint_is_named_before_start_up(monkeypatch, saved, config,
     assert parse_and_check(_argv(config, "--load", saved))[0].load_tag == "iter_0000002"
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_ends_every_rank_with_one_line(saved, config, tmp_path):
     copy = _damaged_copy(saved, tmp_path, "mp_rank_00_model_states.pt")
     size = {d: os.path.getsize(os.path.join(d, "iter_0000002", "mp_rank_00_model_states.pt")) for d in (saved, copy)}
