@@ -42,14 +42,17 @@ def _weights(directory, tag: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # not Megatron's None extra states
 
 
-def test_planted_inf_stops_every_rank_before_its_checkpoint(dist_pool, config, tmp_path):
+@pytest.mark.parametrize("stage", [0, 1])
+def test_planted_inf_stops_every_rank_before_its_checkpoint(dist_pool, tmp_path, stage):
     # An inf in one rank's loss mask at iteration 3 (micro step 2); a checkpoint after every iteration.
-    # The loss is the masked sum over the mask's sum: inf / inf = nan.
+    # The loss is the masked sum over the mask's sum: inf / inf = nan. The gradients: DeepSpeed's ZeRO
+    # optimizer checks them (stage 1); under stage 0 it does not, and the job does.
+    config = write_config(tmp_path / "ring2.json", 2, stage, GLOBAL_BATCH)
     save = str(tmp_path / "ckpt")
     results = dist_pool(2).run(run_job, _argv(config, "--save", save, "--save-interval", "1"), [2])
     for r in results:  # every rank stops, with the same message, which rank 0 alone prints
         assert r["exit_code"] == 1 and r["agreed"], r
-        assert r["error"].startswith("iteration 3: the loss is nan"), r["error"]
+        assert r["error"].startswith("iteration 3: the loss is nan and the gradient norm is not finite"), r["error"]
         assert "the last finite loss was" in r["error"] and "at iteration 2" in r["error"]
         assert "lower --lr (now 0.01)" in r["error"] and "check the data" in r["error"]
     assert _tags(save) == ["iter_0000001", "iter_0000002"]  # nothing saved at or after the inf
