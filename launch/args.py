@@ -23,10 +23,15 @@ Exit codes: 0 done, 2 unusable input (flags, JSON, checkpoint to --load), 1 the 
 NAN_SKIP_LIMIT = 10  # --nan-policy skip: stop after this many non-finite iterations in a row, unless told
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag is a ValueError like every other bad input (one line), not argparse's usage dump."""
+        raise ValueError(f"{message} (--help lists the flags)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The job's flags; ``--help`` lists them."""
-    p = argparse.ArgumentParser(prog="pretrain_gpt.py", description=DESCRIPTION,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(prog="pretrain_gpt.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("model (Megatron's flags)")
     g.add_argument("--num-layers", type=int, default=2)
     g.add_argument("--hidden-size", type=int, default=64)
