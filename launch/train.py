@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import resource
@@ -45,7 +46,7 @@ def describe_recompute(config) -> str:
     return ""
 
 
-def train(args, config: dict) -> None:
+def train(args: argparse.Namespace, config: dict) -> None:
     """Start up (process groups, model, engine), load, train, shut down; every rank."""
     device, mpu = init_distributed(args)
     job = Job(args, config, device, mpu)
@@ -122,7 +123,7 @@ def run(job: Job, start: int) -> None:
         summarize(args, job, train_log, eval_log, stop)
 
 
-def summarize(args, job: Job, train_log: list[dict], eval_log: list[dict], stop: int) -> None:
+def summarize(args: argparse.Namespace, job: Job, train_log: list[dict], eval_log: list[dict], stop: int) -> None:
     """Rank 0, at the end: the plot and the final validation line."""
     if args.plot and train_log:
         from launch.plot import plot_run

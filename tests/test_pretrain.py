@@ -32,7 +32,6 @@ from tests.pretrain_runs import (
 )
 
 pytestmark = pytest.mark.slow
-SHARES_RUNS = pytest.mark.xdist_group("pretrain_runs")  # one pytest worker builds the shared runs
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,6 @@ def _close(a: dict, b: dict, iterations, rtol: float) -> None:
             assert abs(a[i][key] - b[i][key]) <= rtol * abs(b[i][key]), (i, key, a[i][key], b[i][key])
 
 
-@SHARES_RUNS
 @pytest.mark.parametrize("name", ["ring2", "ring2_data2", "ring2_zero3"])
 def test_ring_attention_losses_match_dense_attention(runs, name):
     # dense: 2 ranks of data parallelism, whole sequences, ZeRO-1. ring2: one ring of 2, ZeRO-1.
@@ -65,7 +63,6 @@ def test_ring_attention_losses_match_dense_attention(runs, name):
     assert dense[4]["loss"] < dense[1]["loss"] - 0.05  # it learns: the comparison is not of constants
 
 
-@SHARES_RUNS
 def test_tensor_parallel_ring_matches_dense_attention(runs):
     # 4 ranks = tensor 2 × ring 2, ZeRO-2: one set of groups serves Megatron's tensor parallelism,
     # the ring and ZeRO. Megatron initialises the full weights on CPU, then splits them, so the
@@ -74,7 +71,6 @@ def test_tensor_parallel_ring_matches_dense_attention(runs):
     _close(ring, runs["dense"], [1, 2, 3, 4], rtol=1e-5)
 
 
-@SHARES_RUNS
 def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
     tmp = runs["tmp"]
     save = str(tmp / "ckpt")
@@ -96,7 +92,6 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
         assert (got["loss"], got["grad_norm"]) == (uninterrupted[i]["loss"], uninterrupted[i]["grad_norm"]), i
 
 
-@SHARES_RUNS
 @pytest.mark.parametrize("name,flags,says", [
     ("full", ["--recompute-granularity", "full"], "recompute full (uniform: chunks of 1 layer)"),
     ("selective", ["--recompute-activations"], "recompute selective (core_attn)"),
