@@ -18,19 +18,27 @@ venv: $(VENV)/.installed
 
 # The main job: GPT pretraining with ring attention on $(NPROC) gloo ranks (one ring), DeepSpeed ZeRO-1,
 # on a recall task whose answers need facts held by the other rank. Extra flags: make demo DEMO_ARGS="...".
+# Each run writes its checkpoint and plot to a new runs/demo-DATE-TIME/ unless DEMO_ARGS gives --save.
+# The launcher's own INFO lines are off (--log_level error); --verbose in DEMO_ARGS shows the job's hidden ones.
 DEMO_ARGS ?=
+ifndef DEMO_RUN
+DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
+endif
+DEMO_OUT = $(if $(findstring --save,$(DEMO_ARGS)),,--save $(DEMO_RUN) --plot $(DEMO_RUN)/loss.png)
 demo: $(VENV)/.installed
-	$(VENV)/bin/deepspeed --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
-		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --seq-length 128 \
+	$(VENV)/bin/deepspeed --log_level error --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
+		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --ring-backend torch --seq-length 128 \
 		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant \
-		--train-iters 300 --eval-interval 50 --save runs/demo --plot runs/demo/loss.png $(DEMO_ARGS)
+		--train-iters 300 --eval-interval 50 $(DEMO_OUT) $(DEMO_ARGS)
 
 # Ring attention alone (no model): error against float64 and memory per rank.
 attention-demo: $(VENV)/.installed
 	$(PY) launch/ring_attention_demo.py --nproc $(NPROC)
 
+# Two pytest workers (pytest-xdist): single-threaded tests overlap the multi-process ones.
+TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ring_sp megatron_patch launch tests benchmarks

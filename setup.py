@@ -13,7 +13,7 @@ setup(
         "triton": ["triton>=3.0"],
         "megatron": ["megatron-core>=0.13"],
         "deepspeed": ["deepspeed>=0.14"],
-        "dev": ["pytest", "ruff", "matplotlib"],
+        "dev": ["pytest", "pytest-xdist", "ruff", "matplotlib"],
         "all": ["triton>=3.0", "megatron-core>=0.13", "deepspeed>=0.14", "matplotlib"],
     },
     license="MIT",

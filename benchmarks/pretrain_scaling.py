@@ -67,7 +67,7 @@ def parse_setup(text: str) -> tuple[str, int, int]:
 def flops_per_token(model_args: list[str], seq: int) -> float:
     """Training model FLOPs per token (see the module docstring)."""
     from launch import data
-    from launch.pretrain_gpt import build_parser
+    from launch.args import build_parser
 
     a = build_parser().parse_args(model_args + ["--seq-length", str(seq)])
     h, heads = a.hidden_size, a.num_attention_heads

@@ -14,6 +14,8 @@ nothing can hang. The rules:
   of them gives fills the other. The ring, tensor and pipeline sizes must divide the world, the
   sequence length must split as the layout needs, and train_batch_size = micro batch ×
   gradient accumulation × data-parallel size.
+- ``zero_optimization`` is checked against DeepSpeed's own schema by :func:`check_zero_section`,
+  separately, because that imports DeepSpeed (seconds) and the rest of the checks need not wait.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import copy
 import difflib
 import json
 
+from ring_sp import kernels
 from ring_sp.layout import LAYOUTS, check_seq_len
 
 RING_KEYS = ("size", "layout", "backend", "max_lookback", "reduce_col", "bucket_size")
@@ -97,10 +100,23 @@ def _check_ring_section(section, where: str) -> None:
                              + ("" if key == "size" else " or null"))
     if "layout" in section and section["layout"] not in LAYOUTS:
         raise ValueError(f"{where}.layout = {section['layout']!r}: use one of {', '.join(LAYOUTS)}")
-    if "backend" in section and not isinstance(section["backend"], str):
-        raise ValueError(f"{where}.backend = {section['backend']!r}: use \"auto\" or a block backend name")
+    if "backend" in section and section["backend"] != "auto" and section["backend"] not in kernels.names():
+        raise ValueError(f"{where}.backend = {section['backend']!r}: use \"auto\" or one of "
+                         f"{', '.join(kernels.names())}")
     if "reduce_col" in section and not isinstance(section["reduce_col"], bool):
         raise ValueError(f"{where}.reduce_col = {section['reduce_col']!r}: use true or false")
+
+
+def check_zero_section(config: dict, source: str) -> None:
+    """DeepSpeed's own schema for ``zero_optimization`` (unknown keys, bad values); ValueError naming the file.
+
+    Imports DeepSpeed, so the job calls it after :func:`resolve` has checked everything else."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**config.get("zero_optimization", {}))
+    except Exception as e:  # pydantic's ValidationError: unknown keys, bad values
+        raise ValueError(f"{source}: zero_optimization is invalid: {e}") from None
 
 
 def _positive(config: dict, key: str, where: str):
@@ -205,12 +221,9 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
     config["gradient_clipping"] = args.clip_grad
 
     zero = config.get("zero_optimization", {})
-    try:
-        from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
-
-        DeepSpeedZeroConfig(**zero)
-    except Exception as e:  # pydantic's ValidationError: unknown keys, bad values
-        raise ValueError(f"{source}: zero_optimization is invalid: {e}") from None
+    if not isinstance(zero, dict) or zero.get("stage", 0) not in (0, 1, 2, 3):
+        raise ValueError(f"{source}: zero_optimization must be an object whose stage is 0, 1, 2 or 3 "
+                         f"(got {zero!r})")
     if zero.get("stage", 0) == 3 and cp > 1:  # see ring_sp.topology.partition_for_zero3
         if zero.get("reduce_scatter", False):
             raise ValueError(f"{source}: zero_optimization.reduce_scatter is true, but with ZeRO-3 and a ring "

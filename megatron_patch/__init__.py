@@ -6,31 +6,43 @@
   ``shard_batch(batch, layout, cp_group)``: the matching data split.
 - ``add_ring_attention_args`` / ``validate_ring_args`` / ``RingOptions.from_args``: the flags.
 - ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``).
+
+Names are imported on first use (PEP 562), so ``megatron_patch.options`` (the flags, no Megatron
+import) can be used to check a command line before Megatron-core is imported.
 """
 
-from megatron_patch.batch import shard_batch
-from megatron_patch.core_attention import RingCoreAttention
-from megatron_patch.documents import boundaries_from_eod, document_mask, reset_position_ids
-from megatron_patch.megatron_lm import apply, configure, restore
-from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
-from megatron_patch.rope import LayoutRotaryEmbedding
-from megatron_patch.spec import get_gpt_layer_ring_spec, ring_gpt_layer_spec, ring_gpt_model, with_ring_core_attention
+import importlib
 
-__all__ = [
-    "LayoutRotaryEmbedding",
-    "RingCoreAttention",
-    "RingOptions",
-    "add_ring_attention_args",
-    "boundaries_from_eod",
-    "document_mask",
-    "reset_position_ids",
-    "apply",
-    "configure",
-    "restore",
-    "get_gpt_layer_ring_spec",
-    "ring_gpt_layer_spec",
-    "ring_gpt_model",
-    "shard_batch",
-    "validate_ring_args",
-    "with_ring_core_attention",
-]
+# public name -> the submodule that defines it
+_SOURCES = {
+    "shard_batch": "batch",
+    "RingCoreAttention": "core_attention",
+    "boundaries_from_eod": "documents",
+    "document_mask": "documents",
+    "reset_position_ids": "documents",
+    "apply": "megatron_lm",
+    "configure": "megatron_lm",
+    "restore": "megatron_lm",
+    "RingOptions": "options",
+    "add_ring_attention_args": "options",
+    "validate_ring_args": "options",
+    "LayoutRotaryEmbedding": "rope",
+    "get_gpt_layer_ring_spec": "spec",
+    "ring_gpt_layer_spec": "spec",
+    "ring_gpt_model": "spec",
+    "with_ring_core_attention": "spec",
+}
+
+__all__ = sorted(_SOURCES)
+
+
+def __getattr__(name: str):
+    if name not in _SOURCES:
+        raise AttributeError(f"module 'megatron_patch' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"megatron_patch.{_SOURCES[name]}"), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SOURCES))

@@ -5,13 +5,14 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 import shlex
 import subprocess
 
 import pytest
 
 from launch import ds_config
-from launch.pretrain_gpt import parse_and_check
+from launch.args import parse_and_check
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "deepspeed_configs", "*.json")))
@@ -31,12 +32,13 @@ def _world(command: list[str]) -> int:
     return nodes * int(command[command.index("--num_gpus") + 1])
 
 
-def _demo_command() -> str:
-    """`make demo`'s command line, as make would run it."""
+def _demo_command(demo_args: str = "") -> str:
+    """`make demo DEMO_ARGS=...`'s command line, as make would run it."""
     # under `make test` this is a sub-make: drop the parent's flags so no "Entering directory" lines appear
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS", "MAKEOVERRIDES")}
-    out = subprocess.run(["make", "-s", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo"], cwd=ROOT,
-                         capture_output=True, text=True, check=True, env=env).stdout
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-n", "-o", ".venv/.installed", "demo",
+                          f"DEMO_ARGS={demo_args}"], cwd=ROOT, capture_output=True, text=True, check=True,
+                         env=env).stdout
     return out.replace("\\\n", " ")
 
 
@@ -55,6 +57,22 @@ def test_shipped_configs_resolve_for_their_launch_commands(monkeypatch):
         if "--hostfile" in command:
             hostfile = command[command.index("--hostfile") + 1]
             assert os.path.exists(hostfile)
+
+
+def _demo_argv(demo_args: str = "") -> list[str]:
+    command = shlex.split(_demo_command(demo_args))
+    return command[command.index("launch/pretrain_gpt.py") + 1:]
+
+
+def test_each_demo_run_has_its_own_directory_and_takes_a_backend(monkeypatch):
+    argv = _demo_argv()
+    save = argv[argv.index("--save") + 1]
+    assert re.fullmatch(r"runs/demo-\d{8}-\d{6}", save) and argv[argv.index("--plot") + 1] == f"{save}/loss.png"
+    monkeypatch.chdir(ROOT)
+    args, config = _check(monkeypatch, 2, _demo_argv("--no-ring-reduce-col --ring-backend sdpa"))
+    assert (args.ring_reduce_col, args.ring_backend, config["ring_attention"]["backend"]) == (False, "sdpa", "sdpa")
+    args, _ = _check(monkeypatch, 2, _demo_argv("--save runs/mine"))  # given --save, the run goes there
+    assert (args.save, args.plot) == ("runs/mine", None)
 
 
 def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):
@@ -102,7 +120,16 @@ BAD = [
     ({"optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}}, [], 2, "builds AdamW and its learning-rate schedule"),
     ({"activation_checkpointing": {"partition_activations": True}}, [], 2,
      "'activation_checkpointing' is not read by this job"),
-    ({"zero_optimization": {"stage": 2, "overlap_com": True}}, [], 2, "zero_optimization is invalid"),
+    ({"zero_optimization": {"stage": 4}}, [], 2, "zero_optimization must be an object whose stage is 0, 1, 2 or 3"),
+    ({}, ["--lr", "fast"], 2, "argument --lr: invalid float value: 'fast' (--help lists the flags)"),
+    ({}, ["--nan-policy", "ignore"], 2, "argument --nan-policy: invalid choice: 'ignore'"),
+    ({}, ["--seq-lenght", "64"], 2, "unrecognized arguments: --seq-lenght 64 (--help lists the flags)"),
+    ({}, ["--nan-skip-limit", "3"], 2, "--nan-skip-limit applies to --nan-policy skip only"),
+    ({}, ["--nan-policy", "skip"], 2, "--nan-policy skip: with ZeRO stage 0 in fp32 DeepSpeed applies every"),
+    ({"zero_optimization": {"stage": 1}}, ["--nan-policy", "skip", "--nan-skip-limit", "0"], 2,
+     "--nan-skip-limit 0: use a positive integer"),
+    ({"ring_attention": {"size": 2, "backend": "tirton"}}, ["--ring-attention"], 2,
+     "ring_attention.backend = 'tirton': use \"auto\" or one of"),
     ({"bf16": {"enabled": False}}, ["--bf16"], 2, "bf16.enabled is False but the command line says --bf16 True"),
     ({}, ["--context-parallel-size", "2"], 2, "--context-parallel-size 2 needs --ring-attention"),
     ({"zero_optimization": {"stage": 3, "reduce_scatter": True}, "ring_attention": {"size": 2}}, ["--ring-attention"],
@@ -127,6 +154,12 @@ def test_bad_config_names_the_problem(monkeypatch, tmp_path, config, argv, world
     with pytest.raises(ValueError) as info:
         _check(monkeypatch, world, argv, config, tmp_path)
     assert message in str(info.value)
+
+
+def test_zero_section_is_checked_against_deepspeeds_schema():
+    with pytest.raises(ValueError, match="ds.json: zero_optimization is invalid"):
+        ds_config.check_zero_section({"zero_optimization": {"stage": 2, "overlap_com": True}}, "ds.json")
+    ds_config.check_zero_section({"zero_optimization": {"stage": 2, "overlap_comm": True}}, "ds.json")
 
 
 def test_unreadable_config(monkeypatch, tmp_path):

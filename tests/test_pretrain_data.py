@@ -86,3 +86,25 @@ def test_latest_is_replaced_atomically(tmp_path):
     checkpoint.write_atomically(path, "iter_0000002")
     assert open(path).read() == "iter_0000002"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["latest"]  # no temporary file left behind
+
+
+def test_warnings_go_above_the_progress_bar(monkeypatch):
+    import io
+    import warnings
+
+    from tqdm import tqdm
+
+    from launch import quiet
+
+    out = io.StringIO()
+    bar = tqdm(total=3, desc="train", file=out)
+    bar.update(1)
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    quiet.warnings_above(bar)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn("something odd", UserWarning, stacklevel=1)
+    bar.close()
+    lines = [line.split("\r")[-1] for line in out.getvalue().split("\n")]  # what a terminal shows
+    (said,) = [line for line in lines if "UserWarning: something odd" in line]
+    assert "train:" not in said and "it/s" not in said  # a line of its own, not the bar's

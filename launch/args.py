@@ -1,0 +1,207 @@
+"""The job's flags (Megatron's names), checked with the DeepSpeed JSON before anything heavy is imported.
+
+Importing this module imports torch and ring_sp, not Megatron-core, DeepSpeed or a process group,
+so a bad command line, config or checkpoint ends every rank within seconds
+(:func:`parse_and_check`; ``ValueError`` names the flag and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from launch import checkpoint, ds_config
+from megatron_patch.options import add_ring_attention_args, validate_ring_args
+
+DESCRIPTION = """Long-context GPT pretraining with ring attention: Megatron-core's GPT, DeepSpeed's engine.
+
+    deepspeed --num_gpus 2 launch/pretrain_gpt.py --deepspeed_config deepspeed_configs/cpu_demo.json \\
+        --ring-attention --seq-length 256 --train-iters 300          # CPU: gloo, 2 ranks = one ring
+    torchrun --nproc-per-node 2 launch/pretrain_gpt.py --ring-attention --context-parallel-size 2
+
+Exit codes: 0 done, 2 unusable input (flags, JSON, checkpoint to --load), 1 the run failed."""
+NAN_SKIP_LIMIT = 10  # --nan-policy skip: stop after this many non-finite iterations in a row, unless told
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad flag is a ValueError like every other bad input (one line), not argparse's usage dump."""
+        raise ValueError(f"{message} (--help lists the flags)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The job's flags; ``--help`` lists them."""
+    p = _Parser(prog="pretrain_gpt.py", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model (Megatron's flags)")
+    g.add_argument("--num-layers", type=int, default=2)
+    g.add_argument("--hidden-size", type=int, default=64)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 × hidden size")
+    g.add_argument("--num-attention-heads", type=int, default=4)
+    g.add_argument("--num-query-groups", type=int, default=None, help="K/V heads (GQA); default: one per head")
+    g.add_argument("--seq-length", type=int, default=256, help="tokens per sequence, over the whole ring")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--swiglu", action="store_true")
+    g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
+    g = p.add_argument_group("activation recompute (Megatron's flags)")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="full: keep only each layer chunk's input and run its forward again in backward "
+                        "(--recompute-method, --recompute-num-layers; default: uniform, 1 layer, i.e. every layer); "
+                        "selective: recompute only core attention, here the ring attention (the ring's forward, "
+                        "K/V passing included, runs again in backward). Default: no recompute")
+    g.add_argument("--recompute-activations", action="store_true",
+                   help="Megatron-LM's shorthand for --recompute-granularity selective")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="with --recompute-granularity full: uniform (default) splits the layers into chunks of "
+                        "--recompute-num-layers and recomputes every chunk; block recomputes the first "
+                        "--recompute-num-layers layers and keeps the others' activations")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="with --recompute-granularity full: layers per chunk (uniform) or layers recomputed "
+                        "(block); default 1")
+    g = p.add_argument_group("parallelism (Megatron's flags)")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--context-parallel-size", type=int, default=1, help="the ring size (ring_attention.size)")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with GPUs, gloo on CPU")
+    g.add_argument("--distributed-timeout-minutes", type=float, default=10.0,
+                   help="a rank that waits longer than this on the others fails instead of hanging")
+    g = p.add_argument_group("training (Megatron's flags)")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None)
+    g.add_argument("--train-iters", type=int, default=300)
+    g.add_argument("--exit-interval", type=int, default=None, help="stop (and save) after this iteration")
+    g.add_argument("--lr", type=float, default=3e-3)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--data-path", default=None, help="Megatron indexed dataset prefix; default: the recall task")
+    g.add_argument("--recall-keys", type=int, default=8, help="facts per sequence in the recall task")
+    g.add_argument("--recall-values", type=int, default=8, help="values a fact can hold (chance = 1 / this)")
+    g.add_argument("--eval-interval", type=int, default=100)
+    g.add_argument("--eval-iters", type=int, default=4)
+    g.add_argument("--log-interval", type=int, default=1)
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint in this directory")
+    g.add_argument("--metrics-file", default=None, help="JSON lines of every iteration and evaluation (rank 0)")
+    g.add_argument("--plot", default=None, help="loss / accuracy PNG written at the end (rank 0)")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="plain log lines, no progress bar")
+    g = p.add_argument_group("failures")
+    g.add_argument("--nan-policy", choices=["stop", "skip"], default="stop",
+                   help="when the loss or the gradient norm is not finite (inf or nan): stop (default; every rank "
+                        "stops, no checkpoint is written after it, exit code 1) or skip the optimizer step, as a "
+                        "loss-scale overflow does, and stop after --nan-skip-limit such iterations in a row")
+    g.add_argument("--nan-skip-limit", type=int, default=None,
+                   help=f"with --nan-policy skip: stop after this many non-finite iterations in a row "
+                        f"(default {NAN_SKIP_LIMIT})")
+    g.add_argument("--debug", action="store_true", help="print the traceback of every error, not one line")
+    g.add_argument("--verbose", action="store_true",
+                   help="show the third-party warnings and log lines the job hides (missing Transformer Engine or "
+                        "Apex, deprecations, DeepSpeed's INFO lines) and every rank's warnings")
+    g = p.add_argument_group("launchers")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None)
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help="set by the DeepSpeed launcher (LOCAL_RANK is read from the environment anyway)")
+    add_ring_attention_args(p)
+    return p
+
+
+def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """Parse the flags and the DeepSpeed config; ValueError (same on every rank) if they do not fit."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    config = ds_config.load(args.deepspeed_config) if args.deepspeed_config else {}
+    source = args.deepspeed_config or "the DeepSpeed config"
+    config = ds_config.resolve(config, args, ds_config.explicit_dests(parser, argv), world, source)
+    validate_ring_args(args, args.context_parallel_size)
+    if args.pipeline_model_parallel_size != 1:
+        raise ValueError("--pipeline-model-parallel-size: this job has no pipeline schedule; use 1 (ring_sp.topology "
+                         "places a pipe axis for jobs that bring their own)")
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    for flag, value in (("--train-iters", args.train_iters), ("--eval-interval", args.eval_interval),
+                        ("--eval-iters", args.eval_iters), ("--log-interval", args.log_interval)):
+        if value < 1:
+            raise ValueError(f"{flag} {value}: use a positive integer")
+    if args.data_path and not args.vocab_size:
+        raise ValueError("--data-path needs --vocab-size (the vocabulary size of the tokenizer that made the data)")
+    if args.save_interval is not None and args.save is None:
+        raise ValueError("--save-interval needs --save DIR")
+    check_recompute(args)
+    check_nan_policy(args, config)
+    args.load_tag = checkpoint.check(args.load, run_meta(args, world)) if args.load else None
+    return args, config
+
+
+def run_meta(args: argparse.Namespace, world_size: int) -> dict:
+    """What a checkpoint must have been saved with to be loaded by this run (ZeRO shards are cut for it)."""
+    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
+    return {"world_size": world_size, "ring": cp, "tensor": tp,
+            "data": world_size // (tp * args.pipeline_model_parallel_size * cp),
+            "layout": args.ring_layout if args.ring_attention else "contiguous"}
+
+
+def check_nan_policy(args: argparse.Namespace, config: dict) -> None:
+    """--nan-skip-limit only with --nan-policy skip; skip only where DeepSpeed drops a non-finite step."""
+    if args.nan_policy == "stop":
+        if args.nan_skip_limit is not None:
+            raise ValueError("--nan-skip-limit applies to --nan-policy skip only: add --nan-policy skip or drop it")
+        return
+    if args.nan_skip_limit is None:
+        args.nan_skip_limit = NAN_SKIP_LIMIT
+    if args.nan_skip_limit < 1:
+        raise ValueError(f"--nan-skip-limit {args.nan_skip_limit}: use a positive integer")
+    # DeepSpeed checks the gradients and drops a non-finite step in its ZeRO, bf16 and fp16 optimizers;
+    # with none of them (ZeRO stage 0 in fp32) it hands our AdamW the gradients as they are.
+    if config.get("zero_optimization", {}).get("stage", 0) == 0 and not (args.bf16 or args.fp16):
+        raise ValueError("--nan-policy skip: with ZeRO stage 0 in fp32 DeepSpeed applies every optimizer step, "
+                         "finite or not; set zero_optimization.stage to 1, 2 or 3 in the DeepSpeed config (or use "
+                         "--bf16), or use --nan-policy stop")
+
+
+def check_recompute(args) -> None:
+    """Megatron-LM's recompute flags → what TransformerConfig accepts; ValueError naming the flag if they clash.
+
+    --recompute-activations = --recompute-granularity selective. Full recompute defaults to
+    --recompute-method uniform, --recompute-num-layers 1; selective takes neither (it recomputes
+    core attention in every layer)."""
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ValueError("--recompute-activations means --recompute-granularity selective, but the command line "
+                             "says --recompute-granularity full: give one of them")
+        args.recompute_granularity = "selective"
+    given = [flag for flag, value in (("--recompute-method", args.recompute_method),
+                                      ("--recompute-num-layers", args.recompute_num_layers)) if value is not None]
+    if args.recompute_granularity is None:
+        if given:
+            raise ValueError(f"{given[0]} needs --recompute-granularity full")
+        return
+    if args.recompute_granularity == "selective":
+        if given:
+            raise ValueError(f"{given[0]} applies to --recompute-granularity full only: selective recompute "
+                             "recomputes core attention in every layer")
+        return
+    if args.recompute_method is None:
+        args.recompute_method = "uniform"
+    if args.recompute_num_layers is None:
+        args.recompute_num_layers = 1
+    n, layers = args.recompute_num_layers, args.num_layers
+    if not 1 <= n <= layers:
+        raise ValueError(f"--recompute-num-layers {n}: use 1 to --num-layers ({layers})")
+    if args.recompute_method == "uniform" and layers % n:
+        raise ValueError(f"--recompute-num-layers {n} with --recompute-method uniform: it must divide --num-layers "
+                         f"{layers} (the layers are recomputed in chunks of that many)")

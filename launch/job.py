@@ -1,0 +1,240 @@
+"""The training job's pieces: process groups, the Megatron-core GPT, AdamW and its schedule, the DeepSpeed engine.
+
+:class:`Job` holds what a training step needs and does one (``train_step``) or an evaluation
+(``evaluate``); ``launch/train.py`` drives it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+
+from launch import data
+from launch.args import run_meta
+from ring_sp import topology
+from ring_sp.topology import ring_loss
+
+
+def init_distributed(args) -> tuple[torch.device, object]:
+    """Process group (gloo on CPU, NCCL on GPU) and Megatron-core's groups; returns (device, mpu)."""
+    if "RANK" not in os.environ:  # plain `python launch/pretrain_gpt.py`: a world of one
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
+    os.environ.setdefault("LOCAL_RANK", str(local_rank))
+    gpu = torch.cuda.is_available() and args.distributed_backend != "gloo"
+    device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    else:  # share the cores among this node's ranks instead of oversubscribing them
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    timeout = timedelta(minutes=args.distributed_timeout_minutes)
+    topology.init_distributed(args.distributed_backend or ("nccl" if gpu else "gloo"), timeout)
+    mpu = topology.initialize(tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+                              ring=args.context_parallel_size, timeout=timeout)
+    return device, mpu
+
+
+def cpu_recompute_rng() -> None:
+    """Let Megatron-core's activation recompute run on CPU.
+
+    ``megatron.core.tensor_parallel.checkpoint`` saves the CPU and the CUDA RNG state before a
+    checkpointed forward and restores both for its recompute, so that dropout draws the same
+    masks again; the CUDA half calls torch.cuda unconditionally ("Torch not compiled with CUDA
+    enabled" on a CPU-only torch; megatron's model_parallel_cuda_manual_seed fails the same way).
+    On CPU only the CPU generator draws, and megatron saves and restores that one itself: the
+    CUDA half becomes a no-op. Process-wide; call it only when the job's device is the CPU."""
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    megatron_random._get_cuda_rng_state = lambda *args, **kwargs: None
+    megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
+
+
+def build_model(args, vocab_size: int):
+    """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank."""
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_patch import LayoutRotaryEmbedding, RingOptions, ring_gpt_model
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    config = TransformerConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        normalization=args.normalization, gated_linear_unit=args.swiglu, add_bias_linear=args.add_bias_linear,
+        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, tensor_model_parallel_size=args.tensor_model_parallel_size,
+        context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
+        use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
+        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers)
+    common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
+                  position_embedding_type=args.position_embedding_type)
+    if args.ring_attention:
+        return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
+    # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
+    # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
+    from launch.dense_attention import DenseCoreAttention
+
+    spec = get_gpt_layer_local_spec(normalization=args.normalization)
+    spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
+    model = GPTModel(config, transformer_layer_spec=spec, **common)
+    if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
+        LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")
+    return model
+
+
+def build_optimizer(args, model):
+    """AdamW (no decay on biases and norms) and a warmup + decay schedule stepped once per iteration."""
+    def matrix(p) -> bool:  # ZeRO-3 leaves an empty p.data and keeps the shape in ds_shape
+        return len(getattr(p, "ds_shape", p.shape)) > 1
+
+    decay = [p for p in model.parameters() if p.requires_grad and matrix(p)]
+    rest = [p for p in model.parameters() if p.requires_grad and not matrix(p)]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
+                                   {"params": rest, "weight_decay": 0.0}], lr=args.lr,
+                                  betas=(args.adam_beta1, args.adam_beta2))
+
+    def factor(step: int) -> float:  # step = iterations done
+        if step < args.lr_warmup_iters:
+            return (step + 1) / args.lr_warmup_iters
+        progress = min(1.0, (step - args.lr_warmup_iters) / max(1, args.train_iters - args.lr_warmup_iters))
+        shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+        low = args.min_lr / args.lr
+        return low + (1.0 - low) * shape[args.lr_decay_style]
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class Step(NamedTuple):
+    """What one optimizer step gave: the loss over the global batch, DeepSpeed's gradient norm (None
+    without ZeRO, bf16 or fp16), whether the gradients the job checked itself were finite, and whether
+    the optimizer applied the step (DeepSpeed drops one with non-finite gradients)."""
+
+    loss: float
+    grad_norm: float | None
+    grads_finite: bool
+    applied: bool
+
+
+class Job:
+    """The pieces a training step needs: engine, groups, data, and how to shard a batch."""
+
+    def __init__(self, args, config, device, mpu):
+        import deepspeed
+
+        self.args, self.config, self.device, self.mpu = args, config, device, mpu
+        self.rank = dist.get_rank()
+        self.ring_group = mpu.get_sequence_parallel_group()
+        self.ring_size, self.ring_rank = mpu.get_sequence_parallel_world_size(), mpu.get_sequence_parallel_rank()
+        self.zero_group = mpu.get_sequence_data_parallel_group()
+        self.replicas, self.replica = mpu.get_data_parallel_world_size(), mpu.get_data_parallel_rank()
+        self.accum = config["gradient_accumulation_steps"]
+        self.layout = args.ring_layout if args.ring_attention else "contiguous"
+        if args.data_path:
+            self.data = data.IndexedTokens(args.data_path, args.seq_length, args.vocab_size)
+            self.chance = None
+        else:
+            self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed)
+            self.chance = self.data.chance
+        tp = args.tensor_model_parallel_size
+        vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
+        while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
+            vocab += 128
+        if args.recompute_granularity and device.type == "cpu":
+            cpu_recompute_rng()
+        torch.manual_seed(args.seed)
+        model = build_model(args, vocab)
+        if config.get("zero_optimization", {}).get("stage", 0) == 3:
+            topology.partition_for_zero3(model, mpu, config)  # over data × ring, not data alone
+        optimizer, scheduler = build_optimizer(args, model)
+        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=config, mpu=mpu)
+        # DeepSpeed wraps the optimizer (ZeRO, bf16, fp16) and checks the gradients, or hands it them unchecked
+        self.unchecked_gradients = self.engine.optimizer is optimizer
+        self.meta = run_meta(args, dist.get_world_size())
+
+    def batch(self, micro_step: int, split: int = 0) -> dict[str, torch.Tensor]:
+        """This rank's shard of its replica's micro batch number ``micro_step`` (global count)."""
+        from megatron_patch import shard_batch
+
+        full = self.data.batch(micro_step, self.replica, self.args.micro_batch_size, self.replicas, split)
+        local = shard_batch(full, self.layout, self.ring_group) if self.ring_size > 1 else full
+        return {k: v.to(self.device) for k, v in local.items()}
+
+    def sum_over_replicas(self, values: list[float]) -> torch.Tensor:
+        """Sum float64 values over data × ring (tensor-parallel ranks hold copies, so not over them)."""
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t, group=self.zero_group)
+        return t
+
+    def train_step(self, iteration: int) -> Step:
+        """One optimizer step (all micro batches)."""
+        args, engine = self.args, self.engine
+        torch.manual_seed(hash((args.seed, iteration, self.rank)) % 2**31)  # resumable: no RNG state to save
+        engine.train()
+        total, grads_finite = 0.0, True
+        for m in range(self.accum):
+            b = self.batch(iteration * self.accum + m)
+            per_token = engine(b["tokens"], b["position_ids"], None, labels=b["labels"])  # (batch, local_seq)
+            loss = ring_loss(per_token, b["loss_mask"], self.ring_group)
+            value = loss.item()
+            if not math.isfinite(value):  # every gradient NaN, so that the optimizer's own check drops the step
+                loss = loss * float("nan")
+            engine.backward(loss)
+            if m == self.accum - 1 and self.unchecked_gradients:  # ZeRO 0, fp32: the full gradients are here
+                grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+                grads_finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+            engine.step()
+            total += value
+        norm = engine.get_global_grad_norm()
+        return Step(loss=self.sum_over_replicas([total / self.accum]).item() / self.replicas,
+                    grad_norm=None if norm is None else float(norm), grads_finite=grads_finite,
+                    applied=engine.was_step_applied())
+
+    def full_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, seq, vocab / tensor) shards of the tensor-parallel ranks → (batch, seq, vocab).
+
+        Megatron's own gather allocates on CUDA, so this one is plain all_gather (gloo or NCCL)."""
+        group = self.mpu.get_tensor_model_parallel_group()
+        if dist.get_world_size(group) == 1:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)
+
+    @torch.no_grad()
+    def evaluate(self, iteration: int) -> dict:
+        """Validation loss on scored tokens and, for the recall task, same- and cross-shard accuracy."""
+        self.engine.eval()
+        sums = torch.zeros(6, dtype=torch.float64)
+        for i in range(self.args.eval_iters):
+            b = self.batch(i, split=1)
+            logits = self.full_vocab(self.engine(b["tokens"], b["position_ids"], None).float())
+            token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(),
+                                                           reduction="none").view_as(b["labels"])
+            sums[0] += (token_loss * b["loss_mask"]).sum().item()
+            sums[1] += b["loss_mask"].sum().item()
+            if "answer_source" in b:
+                cross = data.shard_sources(b["answer_source"].cpu(), self.layout, self.ring_rank, self.ring_size)
+                sums[2:] += data.recall_accuracy(logits.argmax(-1).cpu(), b["labels"].cpu(), cross)
+        s = self.sum_over_replicas(sums.tolist()).cpu()
+        out = {"iteration": iteration, "loss": (s[0] / s[1]).item(), "acc_same": None, "acc_cross": None,
+               "answers_same": int(s[3]), "answers_cross": int(s[5])}
+        if s[3] > 0:
+            out["acc_same"] = (s[2] / s[3]).item()
+        if s[5] > 0:
+            out["acc_cross"] = (s[4] / s[5]).item()
+        return out

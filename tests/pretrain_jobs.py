@@ -1,0 +1,54 @@
+"""The pretraining job's loop on the gloo worker pool: the real Megatron-core GPT and DeepSpeed engine, and
+training data we control (an inf planted in the loss mask of chosen micro steps)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+from tests.deepspeed_jobs import megatron_groups
+
+
+class PlantedInf:
+    """The job's data, with inf in the loss mask of the training batches of the given micro steps."""
+
+    def __init__(self, data, micro_steps):
+        self.data, self.micro_steps = data, set(micro_steps)
+
+    def __getattr__(self, name: str):
+        return getattr(self.data, name)
+
+    def batch(self, step: int, replica: int, micro_batch: int, replicas: int, split: int = 0) -> dict:
+        b = self.data.batch(step, replica, micro_batch, replicas, split)
+        if split == 0 and step in self.micro_steps:
+            b["loss_mask"][0, -1] = float("inf")  # the last position is a question: it is scored
+        return b
+
+
+def run_job(argv: list[str], planted: list[int]) -> dict:
+    """Check ``argv`` as the job does, build its Job, load ``--load``, and train (launch.train.run).
+
+    Returns {"error": None}, or the error the run ended with as launch.errors reports it: message, exit
+    code, whether every rank agreed on it (a JobError; a ValueError is bad input, exit code 2)."""
+    from launch import checkpoint, train
+    from launch.args import parse_and_check
+    from launch.errors import JobError
+    from launch.job import Job
+    from ring_sp import topology
+
+    rank = str(dist.get_rank())  # what a launcher would have set
+    os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
+    topology.init_distributed("gloo")
+    args, config = parse_and_check(argv)
+    with megatron_groups(tensor=args.tensor_model_parallel_size, ring=args.context_parallel_size) as mpu:
+        job = Job(args, config, torch.device("cpu"), mpu)
+        job.data = PlantedInf(job.data, planted)
+        try:
+            start = checkpoint.load(job.engine, args.load, args.load_tag) if args.load else 0
+            train.run(job, start)
+        except (JobError, ValueError) as error:
+            return {"error": str(error), "exit_code": getattr(error, "exit_code", 2),
+                    "agreed": getattr(error, "agreed", False)}
+    return {"error": None}
