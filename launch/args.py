@@ -90,6 +90,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", default=None, help="Megatron indexed dataset prefix; default: the recall task")
     g.add_argument("--recall-keys", type=int, default=8, help="facts per sequence in the recall task")
     g.add_argument("--recall-values", type=int, default=8, help="values a fact can hold (chance = 1 / this)")
+    g.add_argument("--recall-documents", type=int, default=None,
+                   help="recall episodes (documents) packed in each sequence, each with its own facts; default 4 "
+                        "with --reset-attention-mask, else 1")
+    g = p.add_argument_group("packed documents (Megatron's flags)")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="a token attends only to tokens of its own document (the recall task's episodes, the "
+                        "indexed dataset's documents); with --ring-attention the ring skips whatever crosses "
+                        "documents")
+    g.add_argument("--reset-position-ids", action="store_true",
+                   help="position ids restart at 0 in every document (learned absolute positions; with RoPE this "
+                        "changes nothing once --reset-attention-mask keeps attention inside documents)")
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss on the last token of a document, whose label starts the next document")
     g.add_argument("--eval-interval", type=int, default=100)
     g.add_argument("--eval-iters", type=int, default=4)
     g.add_argument("--log-interval", type=int, default=1)
@@ -143,6 +156,7 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
         raise ValueError("--save-interval needs --save DIR")
     check_recompute(args)
     check_nan_policy(args, config)
+    check_documents(args)
     args.load_tag = checkpoint.check(args.load, run_meta(args, world)) if args.load else None
     return args, config
 
@@ -153,6 +167,18 @@ def run_meta(args: argparse.Namespace, world_size: int) -> dict:
     return {"world_size": world_size, "ring": cp, "tensor": tp,
             "data": world_size // (tp * args.pipeline_model_parallel_size * cp),
             "layout": args.ring_layout if args.ring_attention else "contiguous"}
+
+
+def check_documents(args: argparse.Namespace) -> None:
+    """--recall-documents' default; --reset-position-ids must change something."""
+    if args.recall_documents is None:
+        args.recall_documents = 4 if args.reset_attention_mask else 1
+    if args.recall_documents < 1:
+        raise ValueError(f"--recall-documents {args.recall_documents}: use a positive integer")
+    if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
+        raise ValueError("--reset-position-ids with RoPE: RoPE positions here follow the sequence, and restarting "
+                         "them only changes attention across documents; add --reset-attention-mask (then it "
+                         "changes nothing) or use --position-embedding-type learned_absolute")
 
 
 def check_nan_policy(args: argparse.Namespace, config: dict) -> None:

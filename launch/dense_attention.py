@@ -9,10 +9,14 @@ size above 1.
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
+
+from megatron_patch.documents import documents_of, is_document_mask
+from ring_sp.documents import document_ids
 
 
 class DenseCoreAttention(MegatronModule):
@@ -37,6 +41,14 @@ class DenseCoreAttention(MegatronModule):
         groups = key.shape[2]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # (b, heads, s, d)
         k, v = (t.repeat_interleave(h // groups, dim=1) for t in (k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, scale=self.softmax_scale,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        mask = None
+        if is_document_mask(attention_mask):  # packed documents: block-diagonal (and causal) visibility
+            pos = torch.arange(s, device=q.device)
+            ids = torch.stack([document_ids(b, pos) for b in documents_of(attention_mask)])
+            mask = (ids[:, None, :, None] == ids[:, None, None, :]) & (pos[:, None] >= pos[None, :] if self.causal
+                                                                       else True)
+        elif attention_mask is not None:
+            raise ValueError("dense attention takes no mask but a document mask (--reset-attention-mask)")
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and mask is None, attn_mask=mask,
+                                             scale=self.softmax_scale, dropout_p=self.dropout if self.training else 0.0)
         return out.permute(2, 0, 1, 3).reshape(s, b, h * d)

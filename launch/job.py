@@ -147,7 +147,8 @@ class Job:
             self.data = data.IndexedTokens(args.data_path, args.seq_length, args.vocab_size)
             self.chance = None
         else:
-            self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed)
+            self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed,
+                                        documents=args.recall_documents)
             self.chance = self.data.chance
         tp = args.tensor_model_parallel_size
         vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
@@ -167,12 +168,20 @@ class Job:
         self.meta = run_meta(args, dist.get_world_size())
 
     def batch(self, micro_step: int, split: int = 0) -> dict[str, torch.Tensor]:
-        """This rank's shard of its replica's micro batch number ``micro_step`` (global count)."""
-        from megatron_patch import shard_batch
+        """This rank's shard of its replica's micro batch number ``micro_step`` (global count); with
+        --reset-attention-mask its ``attention_mask`` is the document mask (kept on the CPU)."""
+        from megatron_patch import reset_position_ids, shard_batch
 
-        full = self.data.batch(micro_step, self.replica, self.args.micro_batch_size, self.replicas, split)
-        local = shard_batch(full, self.layout, self.ring_group) if self.ring_size > 1 else full
-        return {k: v.to(self.device) for k, v in local.items()}
+        args = self.args
+        full = self.data.batch(micro_step, self.replica, args.micro_batch_size, self.replicas, split)
+        documents = full.pop("documents")
+        if args.reset_position_ids:
+            full["position_ids"] = reset_position_ids(documents, args.seq_length)
+        if args.eod_mask_loss:
+            full["loss_mask"] = full["loss_mask"] * data.not_last_of_documents(documents, args.seq_length)
+        local = shard_batch(full, self.layout, self.ring_group,
+                            documents=documents if args.reset_attention_mask else None)
+        return {k: v if k == "attention_mask" else v.to(self.device) for k, v in local.items()}
 
     def sum_over_replicas(self, values: list[float]) -> torch.Tensor:
         """Sum float64 values over data × ring (tensor-parallel ranks hold copies, so not over them)."""
@@ -188,7 +197,8 @@ class Job:
         total, grads_finite = 0.0, True
         for m in range(self.accum):
             b = self.batch(iteration * self.accum + m)
-            per_token = engine(b["tokens"], b["position_ids"], None, labels=b["labels"])  # (batch, local_seq)
+            per_token = engine(b["tokens"], b["position_ids"], b.get("attention_mask"),
+                               labels=b["labels"])  # (batch, local_seq)
             loss = ring_loss(per_token, b["loss_mask"], self.ring_group)
             value = loss.item()
             if not math.isfinite(value):  # every gradient NaN, so that the optimizer's own check drops the step
@@ -222,7 +232,7 @@ class Job:
         sums = torch.zeros(6, dtype=torch.float64)
         for i in range(self.args.eval_iters):
             b = self.batch(i, split=1)
-            logits = self.full_vocab(self.engine(b["tokens"], b["position_ids"], None).float())
+            logits = self.full_vocab(self.engine(b["tokens"], b["position_ids"], b.get("attention_mask")).float())
             token_loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(),
                                                            reduction="none").view_as(b["labels"])
             sums[0] += (token_loss * b["loss_mask"]).sum().item()

@@ -44,7 +44,14 @@ def runs(tmp_path_factory):
     out["ring2"] = deepspeed_run(tmp, "ring2", 2, 2, 1, [])
     out["ring2_data2"] = deepspeed_run(tmp, "ring2_data2", 4, 2, 2, ["--exit-interval", "4"])
     out["ring2_zero3"] = deepspeed_run(tmp, "ring2_zero3", 2, 2, 3, ["--exit-interval", "4"])
+    out["dense_docs"] = deepspeed_run(tmp, "dense_docs", 2, None, 1, ["--exit-interval", "4", *DOCUMENTS])
+    out["ring2_docs"] = deepspeed_run(tmp, "ring2_docs", 2, 2, 1, ["--exit-interval", "4", *DOCUMENTS])
     return out
+
+
+# Three recall episodes per sequence, learned positions restarting in every document, no loss at document ends.
+DOCUMENTS = ["--recall-keys", "4", "--recall-documents", "3", "--position-embedding-type", "learned_absolute",
+             "--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
 
 
 def _close(a: dict, b: dict, iterations, rtol: float) -> None:
@@ -62,6 +69,15 @@ def test_ring_attention_losses_match_dense_attention(runs, name):
     assert sorted(dense) == [1, 2, 3, 4]
     _close(ring, dense, [1, 2, 3, 4], rtol=1e-5)  # seen: 1e-7
     assert dense[4]["loss"] < dense[1]["loss"] - 0.05  # it learns: the comparison is not of constants
+
+
+def test_packed_documents_ring_matches_dense_attention(runs):
+    """--reset-attention-mask --reset-position-ids --eod-mask-loss: ring 2 equals dense attention with the same
+    document masks; the same data without the document mask gives another run (the flag takes effect)."""
+    _close(runs["ring2_docs"], runs["dense_docs"], [1, 2, 3, 4], rtol=1e-5)
+    unmasked = [f for f in DOCUMENTS if f != "--reset-attention-mask"]
+    ring = deepspeed_run(runs["tmp"], "ring2_docs_unmasked", 2, 2, 1, ["--exit-interval", "2", *unmasked])
+    assert abs(ring[1]["loss"] - runs["dense_docs"][1]["loss"]) > 1e-3 * abs(runs["dense_docs"][1]["loss"])
 
 
 def test_tensor_parallel_ring_matches_dense_attention(runs):

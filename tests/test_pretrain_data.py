@@ -15,7 +15,8 @@ def test_recall_answers_are_the_fact_values_and_only_they_are_scored():
     task = RecallTask(64, num_keys=4, num_values=5)
     b = task.batch(3, 1, 2, 4)
     b2 = task.batch(3, 1, 2, 4)
-    assert all(torch.equal(b[k], b2[k]) for k in b)  # a pure function of (step, replica)
+    assert all(torch.equal(b[k], b2[k]) if k != "documents" else b[k] == b2[k] for k in b)  # pure in (step, replica)
+    assert b["documents"] == [[0, 64], [0, 64]]  # one document a sequence by default
     assert not torch.equal(b["tokens"], task.batch(3, 0, 2, 4)["tokens"])
     assert not torch.equal(b["tokens"], task.batch(3, 1, 2, 4, split=1)["tokens"])
     for tokens, labels, source, mask in zip(b["tokens"], b["labels"], b["answer_source"], b["loss_mask"]):
@@ -76,8 +77,30 @@ def test_indexed_dataset_windows(tmp_path):
     assert torch.equal(b["labels"][0], torch.from_numpy(stream[17:25]))
     valid = data.batch(0, 0, 1, 1, split=1)
     assert torch.equal(valid["tokens"][0], torch.from_numpy(stream[8 * (windows - 1): 8 * windows]))
+    # Document boundaries inside each window's inputs: documents start at 23 and 30 in the stream.
+    assert data.boundaries(2) == [0, 7, 8] and data.boundaries(3) == [0, 6, 8] and data.boundaries(0) == [0, 8]
+    assert b["documents"] == [[0, 7, 8], [0, 6, 8]]
     with pytest.raises(ValueError, match="does not exist"):
         IndexedTokens(str(tmp_path / "nothing"), 8, 256)
+
+
+def test_recall_documents_are_independent_episodes():
+    """Packed episodes: each answer's fact lies in its own document, and the documents cover the sequence."""
+    from launch.data import RecallTask, not_last_of_documents
+
+    task = RecallTask(96, num_keys=4, num_values=8, seed=1, documents=3)
+    for i in range(20):
+        tokens, labels, source, bounds = task.sample(i)
+        assert bounds[0] == 0 and bounds[-1] == 96 and len(bounds) == 4
+        assert all(b - a >= 16 for a, b in zip(bounds, bounds[1:]))
+        doc_of = np.searchsorted(bounds, np.arange(96), side="right") - 1
+        asked = source >= 0
+        assert (doc_of[source[asked]] == doc_of[asked]).all(), "a question's fact must be in its own document"
+        assert (tokens[bounds[:-1]] == task.BOS).all()
+    keep = not_last_of_documents([[0, 3, 8]], 8)
+    assert keep.tolist() == [[1, 1, 0, 1, 1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="--recall-documents 4"):
+        RecallTask(96, num_keys=8, documents=4)
 
 
 def test_latest_is_replaced_atomically(tmp_path):
