@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recall-keys", type=int, default=8, help="facts per sequence in the recall task")
     g.add_argument("--recall-values", type=int, default=8, help="values a fact can hold (chance = 1 / this)")
     g.add_argument("--recall-documents", type=int, default=None,
-                   help="recall episodes (documents) packed in each sequence, each with its own facts; default 4 "
+                   help="recall episodes (documents) packed in each sequence, each with its own facts; default 2 "
                         "with --reset-attention-mask, else 1")
     g = p.add_argument_group("packed documents (Megatron's flags)")
     g.add_argument("--reset-attention-mask", action="store_true",
@@ -172,7 +172,7 @@ def run_meta(args: argparse.Namespace, world_size: int) -> dict:
 def check_documents(args: argparse.Namespace) -> None:
     """--recall-documents' default; --reset-position-ids must change something."""
     if args.recall_documents is None:
-        args.recall_documents = 4 if args.reset_attention_mask else 1
+        args.recall_documents = 2 if args.reset_attention_mask else 1
     if args.recall_documents < 1:
         raise ValueError(f"--recall-documents {args.recall_documents}: use a positive integer")
     if args.reset_position_ids and args.position_embedding_type == "rope" and not args.reset_attention_mask:
