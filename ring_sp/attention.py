@@ -385,6 +385,7 @@ def ring_attention(
     group: dist.ProcessGroup | None = None,
     backend: str = "auto",
     cu_seqlens=None,
+    transport: Ring | None = None,
 ) -> Tensor:
     """Exact attention of this rank's query shard over the whole sequence of its ring.
 
@@ -401,8 +402,10 @@ def ring_attention(
     ``cu_seqlens`` [0, e1, ..., W · local_seq]: document boundaries of the ring's whole sequence
     (global positions, before the layout's permutation), one list for the batch or one per
     element; a query then attends only to keys of its own document. ``bucket_size`` bounds the
-    score tiles of the torch backend. Every rank of the group must pass the same shapes and
-    options; if one does not, or rejects its input, all ranks raise ValueError together.
+    score tiles of the torch backend. ``transport``: what moves K/V between ranks (default
+    ``DistributedRing(group, ring size)``; e.g. a subclass that records or skips transfers). Every
+    rank of the group must pass the same shapes and options; if one does not, or rejects its input,
+    all ranks raise ValueError together.
     """
     opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
     distributed = dist.is_available() and dist.is_initialized()
@@ -422,6 +425,11 @@ def ring_attention(
     if distributed and dist.get_world_size(group) > 1:
         _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, size)), "rank", size)
     ring = DistributedRing(group, size) if distributed and size > 1 else SimulatedRing(1)
+    if transport is not None:
+        if transport.size != ring.size or transport.positions != ring.positions:
+            raise ValueError(f"transport plays positions {transport.positions} of a ring of {transport.size}, but this "
+                             f"rank is position {ring.positions} of {ring.size}: build it for this group and ring_size")
+        ring = transport
     return _RingAttention.apply(_Call(ring, schedule, opts, ids), [mask], q, k, v)[0]
 
 
@@ -439,14 +447,14 @@ def ring_attention_simulated(
     softmax_scale: float | None = None,
     backend: str = "auto",
     cu_seqlens=None,
-    ring: Ring | None = None,
+    transport: Ring | None = None,
 ) -> list[Tensor]:
     """Ring attention over W virtual ranks in this process: the same schedule, no communication.
 
     ``qs[r]``, ``ks[r]``, ``vs[r]``, ``masks[r]``: the tensors of ring position r, shaped as in
     :func:`ring_attention`; ``cu_seqlens`` as there. Returns the W outputs. For tests and
-    single-GPU benchmarks. ``ring``: the transport (default ``SimulatedRing(W)``; a test double or
-    a recording transport that plays all W positions).
+    single-GPU benchmarks. ``transport``: default ``SimulatedRing(W)``; a test double or a recording
+    transport that plays all W positions.
     """
     world = len(qs)
     masks = list(masks) if masks is not None else [None] * world
@@ -463,7 +471,8 @@ def ring_attention_simulated(
     schedule = opts.plan(world, qs[0].shape[1])
     ids = _document_ids(opts, world, qs[0])
     _check_backend(opts, schedule, list(range(world)), qs[0], ks[0], masks[0], ids)
-    ring = ring if ring is not None else SimulatedRing(world)
+    ring = transport if transport is not None else SimulatedRing(world)
     if ring.size != world or ring.positions != list(range(world)):
-        raise ValueError(f"ring plays positions {ring.positions} of {ring.size}: a simulated ring plays all {world}")
+        raise ValueError(f"transport plays positions {ring.positions} of {ring.size}: a simulated ring plays all "
+                         f"{world}")
     return list(_RingAttention.apply(_Call(ring, schedule, opts, ids), masks, *qs, *ks, *vs))

@@ -133,7 +133,7 @@ def test_documents_inside_shards_need_no_communication():
 
     q = torch.randn(1, world * n, 2, 8, dtype=torch.float64)
     qs = [t.requires_grad_() for t in split(q, "contiguous", world)]
-    outs = ring_attention_simulated(qs, qs, qs, causal=True, cu_seqlens=docs, ring=Recording(world))
+    outs = ring_attention_simulated(qs, qs, qs, causal=True, cu_seqlens=docs, transport=Recording(world))
     torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
     assert Recording.hops == []
     # One document crossing a shard boundary: one pass more, and only that document's columns travel.
