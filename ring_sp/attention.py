@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from ring_sp import kernels
 from ring_sp import schedule as schedules
-from ring_sp.comm import DistributedRing, Ring, SimulatedRing, empty_like_rows, gather_signatures
+from ring_sp.comm import DistributedRing, Ring, SimulatedRing, empty_like_rows, gather_signatures, resolve_ring
 from ring_sp.documents import Documents, check_documents, fingerprint, ids_by_position
 from ring_sp.kernels import BlockDocuments, State, Visibility, state_dtype
 from ring_sp.layout import LAYOUTS, check_layout, check_local_seq
@@ -351,24 +351,6 @@ class _RingAttention(torch.autograd.Function):
         return (None, None, *dqs, *dks, *dvs)
 
 
-def _group_and_ring_size(group, ring_size) -> tuple[dist.ProcessGroup | None, int]:
-    """The process group (None: not distributed) and the ring size it is cut into."""
-    if group is None and not (dist.is_available() and dist.is_initialized()):
-        group_size = 1
-    elif not (dist.is_available() and dist.is_initialized()):
-        raise ValueError("group was given but torch.distributed is not initialized: call "
-                         "torch.distributed.init_process_group first, or pass group=None")
-    else:
-        group = group if group is not None else dist.group.WORLD
-        group_size = dist.get_world_size(group)
-    if ring_size is None:
-        return group, group_size
-    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1 or group_size % ring_size:
-        raise ValueError(f"ring_size={ring_size!r} does not divide the process group of {group_size} ranks: pass a "
-                         f"divisor of {group_size}, or None for one ring over the whole group")
-    return group, ring_size
-
-
 def ring_attention(
     q: Tensor,
     k: Tensor,
@@ -410,7 +392,7 @@ def ring_attention(
     opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
     distributed = dist.is_available() and dist.is_initialized()
     try:
-        group, size = _group_and_ring_size(group, ring_size)
+        group, size = resolve_ring(group, ring_size)
         opts = _checked_options(opts, cu_seqlens, q, k, v, mask, size)
         schedule = opts.plan(size, q.shape[1])
         position = dist.get_rank(group) % size if distributed else 0

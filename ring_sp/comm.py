@@ -85,6 +85,24 @@ class DistributedRing:
                     for t in received if t is not None]
         return Pending([received], dist.batch_isend_irecv(ops) if ops else (), sent)
 
+def resolve_ring(group, ring_size) -> tuple[dist.ProcessGroup | None, int]:
+    """The process group (None: not distributed; default: the world) and the size of the rings it is cut
+    into (default: one ring over the whole group); ValueError naming the fix otherwise."""
+    if group is None and not (dist.is_available() and dist.is_initialized()):
+        group_size = 1
+    elif not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("group was given but torch.distributed is not initialized: call "
+                         "torch.distributed.init_process_group first, or pass group=None")
+    else:
+        group = group if group is not None else dist.group.WORLD
+        group_size = dist.get_world_size(group)
+    if ring_size is None:
+        return group, group_size
+    if isinstance(ring_size, bool) or not isinstance(ring_size, int) or ring_size < 1 or group_size % ring_size:
+        raise ValueError(f"ring_size={ring_size!r} does not divide the process group of {group_size} ranks: pass a "
+                         f"divisor of {group_size}, or None for one ring over the whole group")
+    return group, ring_size
+
 
 def empty_like_rows(item: Item, rows: int) -> Item:
     """Empty tensors shaped like ``item``'s with ``rows`` along dim 1 (receive buffers)."""

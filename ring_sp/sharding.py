@@ -10,10 +10,9 @@ and keep this rank's positions).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
-from ring_sp.comm import DistributedRing
+from ring_sp.comm import DistributedRing, resolve_ring
 from ring_sp.layout import check_seq_len, local_positions
 
 
@@ -45,15 +44,8 @@ def merge(shards: list[Tensor], layout: str, dim: int = 1) -> Tensor:
 
 
 def _ring(group, ring_size) -> DistributedRing | None:
-    if not (dist.is_available() and dist.is_initialized()):
-        if group is not None:
-            raise ValueError("group was given but torch.distributed is not initialized")
-        return None
-    group = group if group is not None else dist.group.WORLD
-    size = dist.get_world_size(group) if ring_size is None else ring_size
-    if size < 1 or dist.get_world_size(group) % size:
-        raise ValueError(f"ring_size={ring_size} does not divide the group of {dist.get_world_size(group)} ranks")
-    return DistributedRing(group, size) if size > 1 else None
+    group, size = resolve_ring(group, ring_size)
+    return DistributedRing(group, size) if group is not None and size > 1 else None
 
 
 def _gather(ring: DistributedRing, x: Tensor, layout: str, dim: int) -> Tensor:
