@@ -8,6 +8,8 @@ applied, GQA not expanded) for this rank's share of the sequence, and expects
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -47,6 +49,21 @@ def _window_applies(config, layer_number: int) -> bool:
         return bool(config.window_size)
     return is_layer_window_attention(config.window_size, getattr(config, "window_attn_skip_freq", None),
                                      layer_number)
+
+
+_BOUNDARIES: dict[int, tuple] = {}
+
+
+def _host_boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
+    """``cu_seqlens`` as ints, read once per tensor object (every layer of a batch gets the same one)."""
+    key = id(cu_seqlens)
+    seen = _BOUNDARIES.get(key)
+    if seen is not None and seen[0]() is cu_seqlens and seen[1] == cu_seqlens._version:
+        return seen[2]
+    bounds = tuple(int(x) for x in cu_seqlens.tolist())  # one device sync per batch
+    _BOUNDARIES.clear()  # keep only the current batch's
+    _BOUNDARIES[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    return bounds
 
 
 class RingCoreAttention(MegatronModule):
@@ -115,8 +132,7 @@ class RingCoreAttention(MegatronModule):
         the plain causal or full one, or a document mask (``megatron_patch.documents``): then a query
         attends only inside its document."""
         if packed_seq_params is not None:
-            raise ValueError("packed sequences (packed_seq_params, THD format) are not supported by ring attention: "
-                             "feed padded [batch, seq] samples")
+            return self._packed(query, key, value, attn_mask_type, packed_seq_params)
         if attention_bias is not None:
             raise ValueError("attention_bias is not supported by ring attention")
         if query.dim() != 4 or key.dim() != 4 or key.shape[0] != query.shape[0]:
@@ -140,6 +156,31 @@ class RingCoreAttention(MegatronModule):
         )
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
+
+    def _packed(self, query: Tensor, key: Tensor, value: Tensor, attn_mask_type, params) -> Tensor:
+        """THD packed sequences (Megatron's packed_seq_params): query [t, heads, d] (or [t, 1, heads, d]),
+        documents from ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``) → [t, heads * d].
+
+        Context parallelism > 1 is refused: Megatron splits and rotates THD batches per document for
+        Transformer Engine (each document padded to 2 × CP), which is not the ring's layout."""
+        why = None
+        if getattr(params, "qkv_format", None) != "thd":
+            why = f"packed_seq_params with qkv_format={getattr(params, 'qkv_format', None)!r}: only 'thd' is packed"
+        elif self.ring_size > 1:
+            why = ("THD packed sequences with context parallelism > 1: Megatron splits them per document for "
+                   "Transformer Engine, which is not the ring's layout. Pack the documents into [batch, seq] samples "
+                   "separated by EOD and use --reset-attention-mask (the same masking, any document lengths)")
+        self._agree(why is None, query.device)  # every rank raises together, or none does
+        if why is not None:
+            raise ValueError(why)
+        q, k, v = (t.reshape(t.shape[0], *t.shape[-2:])[None] for t in (query, key, value))  # (1, t, heads, d)
+        bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        out = ring_attention(q, k, v, causal=mask_type not in _FULL, layout=self.options.layout,
+                             ring_reduce_col=self.options.reduce_col, bucket_size=self.options.bucket_size,
+                             max_lookback_seq_len=self.lookback, softmax_scale=self.softmax_scale, group=self.group,
+                             backend=self.options.backend, cu_seqlens=_host_boundaries(bounds))
+        return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
         """Whether to attend causally; a given ``mask`` must say exactly what the ring will do."""

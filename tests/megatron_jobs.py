@@ -399,3 +399,25 @@ def zigzag_is_megatrons(cp: int) -> list[bool]:
         split = megatron_utils.get_batch_on_this_cp_rank({"t": table[None]}, cp_group=group)["t"][0]
         checks.append(torch.equal(rope(seq)[:, 0, 0, : table.shape[1]], split))
         return checks
+
+
+def thd_matches_document_mask() -> tuple[float, float]:
+    """One rank (tp = cp = 1): the ring GPT fed a THD packed batch (packed_seq_params, Megatron's per-document
+    RoPE) gives the logits of the same batch fed with a document mask (RoPE over the whole sequence: inside a
+    document the two differ by a constant offset, which RoPE does not see). Returns the max relative difference,
+    and that of the batch without documents (the control)."""
+    from megatron_patch import document_mask
+
+    with megatron_parallel(1, 1):
+        torch.manual_seed(0)
+        seq, bounds = 32, [0, 5, 6, 19, 32]
+        model = ring_gpt_model(make_config(1, 1, groups=2, std=0.1), vocab_size=VOCAB, max_sequence_length=seq,
+                               options=RingOptions(layout="contiguous"), position_embedding_type="rope")
+        tokens = torch.randint(0, VOCAB, (1, seq), generator=torch.Generator().manual_seed(1))
+        positions = torch.arange(seq)[None]
+        masked = model(tokens, positions, document_mask([bounds], 1, seq))
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        packed = model(tokens, positions, None, packed_seq_params=PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=13, max_seqlen_kv=13))
+        plain = model(tokens, positions, None)
+        return tuple(((masked - x).abs().max() / masked.abs().max()).item() for x in (packed, plain))

@@ -95,6 +95,12 @@ def test_packed_documents(dist_pool, tp, cp):
     _check(dist_pool(4).run(megatron_jobs.compare_with_reference, tp, cp, cases, timeout=600), cases)
 
 
+def test_thd_packed_sequences_on_one_rank(dist_pool):
+    """Megatron's THD packed_seq_params (context-parallel 1): the same logits as the document mask path."""
+    ((packed, plain),) = dist_pool(1).run(megatron_jobs.thd_matches_document_mask, timeout=600)
+    assert packed < 1e-5 and plain > 1e-2, (packed, plain)
+
+
 @pytest.mark.parametrize("control", [{"rope_layout": "zigzag"}, {"data_layout": "zigzag"},
                                      {"documents": 1, "hide_documents": True}])
 def test_negative_controls_fail_the_bounds(dist_pool, control):
