@@ -52,6 +52,21 @@ def _window_applies(config, layer_number: int) -> bool:
 
 
 _BOUNDARIES: dict[int, tuple] = {}
+# id(config) -> (weakref to the TransformerConfig, the smallest layer_number built with it)
+_FIRST_LAYER: dict[int, tuple] = {}
+
+
+def _note_layer(config, layer_number: int) -> None:
+    """Remember the first ring layer of the model that ``config`` builds (its layers share one config)."""
+    seen = _FIRST_LAYER.get(id(config))
+    if seen is not None and seen[0]() is config:
+        layer_number = min(layer_number, seen[1])
+    _FIRST_LAYER[id(config)] = (weakref.ref(config), layer_number)
+
+
+def _is_first_layer(config, layer_number: int) -> bool:
+    seen = _FIRST_LAYER.get(id(config))
+    return seen is None or seen[0]() is not config or seen[1] == layer_number
 
 
 def _host_boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
@@ -86,6 +101,7 @@ class RingCoreAttention(MegatronModule):
                              "data are set up, so that the data split and RoPE follow the layout (run "
                              "`python -m megatron_patch pretrain_gpt.py ...`), or use --ring-layout zigzag")
         self.layer_number = layer_number
+        _note_layer(config, layer_number)
         self.attn_mask_type = attn_mask_type
         self.softmax_scale = softmax_scale
         self.cp_comm_type = cp_comm_type  # Transformer Engine's context-parallel transport; unused here
@@ -152,10 +168,15 @@ class RingCoreAttention(MegatronModule):
             causal=causal, layout=self.options.layout, ring_reduce_col=self.options.reduce_col,
             bucket_size=self.options.bucket_size, max_lookback_seq_len=self.lookback,
             softmax_scale=self.softmax_scale, group=self.group, backend=self.options.backend,
-            cu_seqlens=documents,
+            cu_seqlens=documents, agree=self._agrees(),
         )
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
+
+    def _agrees(self) -> bool:
+        """Only the model's first ring layer checks that the ranks agree (one host sync per forward, not per
+        layer): the later layers see the same batch through the same shapes."""
+        return _is_first_layer(self.config, self.layer_number)
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, attn_mask_type, params) -> Tensor:
         """THD packed sequences (Megatron's packed_seq_params): query [t, heads, d] (or [t, 1, heads, d]),
@@ -179,7 +200,7 @@ class RingCoreAttention(MegatronModule):
         out = ring_attention(q, k, v, causal=mask_type not in _FULL, layout=self.options.layout,
                              ring_reduce_col=self.options.reduce_col, bucket_size=self.options.bucket_size,
                              max_lookback_seq_len=self.lookback, softmax_scale=self.softmax_scale, group=self.group,
-                             backend=self.options.backend, cu_seqlens=_host_boundaries(bounds))
+                             backend=self.options.backend, cu_seqlens=_host_boundaries(bounds), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:

@@ -368,6 +368,7 @@ def ring_attention(
     backend: str = "auto",
     cu_seqlens=None,
     transport: Ring | None = None,
+    agree: bool = True,
 ) -> Tensor:
     """Exact attention of this rank's query shard over the whole sequence of its ring.
 
@@ -387,7 +388,10 @@ def ring_attention(
     score tiles of the torch backend. ``transport``: what moves K/V between ranks (default
     ``DistributedRing(group, ring size)``; e.g. a subclass that records or skips transfers). Every
     rank of the group must pass the same shapes and options; if one does not, or rejects its input,
-    all ranks raise ValueError together.
+    all ranks raise ValueError together: one small all_gather per call checks it (a host sync on
+    GPUs). ``agree=False`` skips that exchange, for callers that know the ranks agree, e.g. every
+    layer of a model after its first layer checked the same batch; then a rank that rejects its
+    input raises alone.
     """
     opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
     distributed = dist.is_available() and dist.is_initialized()
@@ -399,12 +403,12 @@ def ring_attention(
         ids = _document_ids(opts, size, q)
         _check_backend(opts, schedule, [position], q, k, mask, ids)
     except ValueError as error:
-        if distributed:  # fail the peers too, or they would wait for this rank forever
+        if distributed and agree:  # fail the peers too, or they would wait for this rank forever
             group = group if isinstance(group, dist.ProcessGroup) else dist.group.WORLD
             if dist.get_world_size(group) > 1:
                 gather_signatures(group, (1,) + (0,) * (len(_FIELDS) - 1))
         raise error
-    if distributed and dist.get_world_size(group) > 1:
+    if agree and distributed and dist.get_world_size(group) > 1:
         _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, size)), "rank", size)
     ring = DistributedRing(group, size) if distributed and size > 1 else SimulatedRing(1)
     if transport is not None:

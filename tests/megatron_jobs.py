@@ -421,3 +421,26 @@ def thd_matches_document_mask() -> tuple[float, float]:
             qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=13, max_seqlen_kv=13))
         plain = model(tokens, positions, None)
         return tuple(((masked - x).abs().max() / masked.abs().max()).item() for x in (packed, plain))
+
+
+def agreement_exchanges_per_forward() -> int:
+    """Ring 2, a 3-layer model: how many agreement all_gathers one forward makes (only the first layer's)."""
+    import ring_sp.attention as attention
+
+    calls = []
+    original = attention.gather_signatures
+
+    def counting(group, signature):
+        calls.append(signature)
+        return original(group, signature)
+
+    with megatron_parallel(1, 2):
+        model = ring_gpt_model(make_config(1, 2, layers=3), vocab_size=VOCAB, max_sequence_length=16,
+                               options=RingOptions(), position_embedding_type="rope")
+        tokens = torch.zeros(1, 8, dtype=torch.long)
+        attention.gather_signatures = counting
+        try:
+            model(tokens, torch.arange(8)[None], None)
+        finally:
+            attention.gather_signatures = original
+    return len(calls)

@@ -95,6 +95,12 @@ def test_packed_documents(dist_pool, tp, cp):
     _check(dist_pool(4).run(megatron_jobs.compare_with_reference, tp, cp, cases, timeout=600), cases)
 
 
+def test_one_agreement_check_per_forward(dist_pool):
+    """The ranks' agreement on shapes and options is checked at the first ring layer only (one host sync per
+    forward on GPUs, not one per layer)."""
+    assert dist_pool(2).run(megatron_jobs.agreement_exchanges_per_forward, timeout=600) == [1, 1]
+
+
 def test_thd_packed_sequences_on_one_rank(dist_pool):
     """Megatron's THD packed_seq_params (context-parallel 1): the same logits as the document mask path."""
     ((packed, plain),) = dist_pool(1).run(megatron_jobs.thd_matches_document_mask, timeout=600)
