@@ -18,33 +18,36 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import attention_flops, bench_ms, environment, throughput_ms  # noqa: E402
-from ring_sp import kernels, ring_attention_simulated  # noqa: E402
-from ring_sp.kernels import (
-    Band,  # noqa: E402
-    State,  # noqa: E402
-    Visibility,  # noqa: E402
+from benchmarks import plots  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    attention_flops,
+    bench_ms,
+    command_line,
+    env_line,
+    environment,
+    fmt,
+    randn,
+    sdpa_kernel,
+    table,
+    throughput_ms,
+    write_results,
 )
+from ring_sp import kernels, ring_attention_simulated, split  # noqa: E402
+from ring_sp.kernels import Band, State, Visibility  # noqa: E402
 
-TORCH_SDPA = {"torch-cudnn": SDPBackend.CUDNN_ATTENTION, "torch-flash": SDPBackend.FLASH_ATTENTION}
-
-
-def _randn(*shape):
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
+TORCH_SDPA = {"torch-cudnn": "cudnn", "torch-flash": "flash"}
 
 
 def block_row(backend: str, s: int, d: int, causal: bool, heads: int = 16, tokens: int = 16384) -> dict:
     b = max(1, tokens // s)
-    q, k, v, do = _randn(b, s, heads, d), _randn(b, s, heads, d), _randn(b, s, heads, d), _randn(b, s, heads, d)
+    q, k, v, do = randn(b, s, heads, d), randn(b, s, heads, d), randn(b, s, heads, d), randn(b, s, heads, d)
     fl = attention_flops(b, heads, s, s, d, causal)
     if backend in TORCH_SDPA:
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
@@ -73,11 +76,11 @@ def block_row(backend: str, s: int, d: int, causal: bool, heads: int = 16, token
 
 def ring_rows(world: int, local: int, layouts, backends, heads=32, kv_heads=8, d=128) -> list[dict]:
     seq = world * local
-    q, k, v, do = _randn(1, seq, heads, d), _randn(1, seq, kv_heads, d), _randn(1, seq, kv_heads, d), \
-        _randn(1, seq, heads, d)
+    q, k, v, do = randn(1, seq, heads, d), randn(1, seq, kv_heads, d), randn(1, seq, kv_heads, d), \
+        randn(1, seq, heads, d)
     fl = attention_flops(1, heads, seq, seq, d, True)
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    with sdpa_kernel("cudnn"):
         mono_f = throughput_ms(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=True))
         qg, kg, vg = (t.detach().requires_grad_() for t in (qt, kt, vt))
         dot = do.transpose(1, 2)
@@ -86,8 +89,6 @@ def ring_rows(world: int, local: int, layouts, backends, heads=32, kv_heads=8, d
     rows = [dict(kind="monolithic cuDNN", world=world, local=local, seq=seq, fwd_ms=mono_f, fwd_bwd_ms=mono_fb,
                  fwd_tflops=fl / mono_f / 1e9, fwd_bwd_tflops=3.5 * fl / mono_fb / 1e9)]
     for layout, backend in itertools.product(layouts, backends):
-        from ring_sp import split
-
         qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
         fwd = lambda: ring_attention_simulated(qs, ks, vs, causal=True, layout=layout, backend=backend)  # noqa: E731
         t_f = throughput_ms(fwd)
@@ -110,13 +111,8 @@ def ring_rows(world: int, local: int, layouts, backends, heads=32, kv_heads=8, d
     return rows
 
 
-def plot(block, ring, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(18, 5))
+def plot(block: list[dict], ring: list[dict], path: str) -> None:
+    fig, axes = plots.figure(3, (18, 5))
     for ax, d in zip(axes[:2], (128, 64)):
         for (backend, causal), style in zip(itertools.product(sorted({r["backend"] for r in block}), (False, True)),
                                             itertools.cycle(["-", "--"])):
@@ -124,44 +120,34 @@ def plot(block, ring, path):
             if rows:
                 ax.plot([r["seq"] for r in rows], [r["fwd_bwd_tflops"] for r in rows], style, marker="o",
                         label=f"{backend}{' causal' if causal else ''}")
-        ax.set_xscale("log", base=2)
-        ax.set_title(f"block kernels, fwd+bwd, head_dim {d}, bf16")
-        ax.set_xlabel("sequence length")
-        ax.set_ylabel("TFLOP/s")
-        ax.legend(fontsize=7)
+        plots.label(ax, xlabel="sequence length", ylabel="TFLOP/s", title=f"block kernels, fwd+bwd, head_dim {d}, bf16",
+                    log2=True, legend_size=7)
     ax = axes[2]
-    kinds = [k for k in dict.fromkeys(r["kind"] for r in ring) if k != "monolithic cuDNN"]
     locals_ = sorted({r["local"] for r in ring})
-    width = 0.8 / max(1, len(kinds))
-    for i, kind in enumerate(kinds):
-        ys = [next((r["fwd_bwd_ratio"] for r in ring if r["kind"] == kind and r["local"] == n), 0) for n in locals_]
-        ax.bar([x + i * width for x in range(len(locals_))], ys, width, label=kind)
+    kinds = [k for k in dict.fromkeys(r["kind"] for r in ring) if k != "monolithic cuDNN"]
+    plots.grouped_bars(ax, [f"{n // 1024}k/rank" for n in locals_], {
+        kind: [next((r["fwd_bwd_ratio"] for r in ring if r["kind"] == kind and r["local"] == n), 0) for n in locals_]
+        for kind in kinds})
     ax.axhline(0.9, color="k", lw=0.8, ls=":")
-    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(locals_))], [f"{n // 1024}k/rank" for n in locals_])
-    ax.set_title(f"simulated ring W={ring[0]['world']}, causal, fwd+bwd / monolithic cuDNN")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    plots.label(ax, title=f"simulated ring W={ring[0]['world']}, causal, fwd+bwd / monolithic cuDNN", legend_size=7)
+    plots.save(fig, path)
 
 
-def markdown(block, ring, env, command) -> str:
-    lines = [f"# Attention benchmarks\n\n`{command}`\n\n{env}\n", "## Block kernels (TFLOP/s, bf16)\n",
-             "| backend | head_dim | seq | causal | fwd | fwd+bwd |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['backend']} | {r['head_dim']} | {r['seq']} | {r['causal']} | {r['fwd_tflops']:.0f} | "
-              f"{r['fwd_bwd_tflops']:.0f} |" for r in block]
-    lines += ["", "## The ring on one GPU (simulated, causal, 32/8 heads, head_dim 128, bf16)\n",
-              "| kind | W | tokens/rank | fwd TFLOP/s | fwd+bwd TFLOP/s | fwd ÷ cuDNN | fwd+bwd ÷ cuDNN "
-              "| peak MiB/rank |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['kind']} | {r['world']} | {r['local']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-              f"{r.get('fwd_ratio', 1):.2f} | {r.get('fwd_bwd_ratio', 1):.2f} | "
-              f"{r['peak_mib_per_rank']:.0f} |" if "peak_mib_per_rank" in r else
-              f"| {r['kind']} | {r['world']} | {r['local']} | {r['fwd_tflops']:.0f} | {r['fwd_bwd_tflops']:.0f} | "
-              "1.00 | 1.00 | |" for r in ring]
+def markdown(block: list[dict], ring: list[dict], env: dict, command: str) -> str:
+    lines = [f"# Attention benchmarks\n\n`{command}`\n\n{env_line(env)}\n", "## Block kernels (TFLOP/s, bf16)\n",
+             *table(["backend", "head_dim", "seq", "causal", "fwd", "fwd+bwd"],
+                    [[r["backend"], r["head_dim"], r["seq"], r["causal"], f"{r['fwd_tflops']:.0f}",
+                      f"{r['fwd_bwd_tflops']:.0f}"] for r in block]),
+             "", "## The ring on one GPU (simulated, causal, 32/8 heads, head_dim 128, bf16)\n",
+             *table(["kind", "W", "tokens/rank", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "fwd ÷ cuDNN", "fwd+bwd ÷ cuDNN",
+                     "peak MiB/rank"],
+                    [[r["kind"], r["world"], r["local"], f"{r['fwd_tflops']:.0f}", f"{r['fwd_bwd_tflops']:.0f}",
+                      f"{r.get('fwd_ratio', 1):.2f}", f"{r.get('fwd_bwd_ratio', 1):.2f}",
+                      fmt(r.get("peak_mib_per_rank"), ".0f", "")] for r in ring])]
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default="benchmarks/results/latest")
     p.add_argument("--seqs", default="2048,4096,8192,16384,32768")
@@ -172,9 +158,8 @@ def main(argv=None):
     p.add_argument("--ring-backends", default="auto,triton")
     p.add_argument("--skip-blocks", action="store_true")
     args = p.parse_args(argv)
-    os.makedirs(args.out, exist_ok=True)
     env = environment()
-    print(env, flush=True)
+    print(env_line(env), flush=True)
     block = []
     if not args.skip_blocks:
         for d, s, causal, backend in itertools.product(map(int, args.head_dims.split(",")),
@@ -192,11 +177,9 @@ def main(argv=None):
             print(f"ring {r['kind']:28s} {local:6d}/rank fwd {r['fwd_tflops']:5.0f} fwd+bwd {r['fwd_bwd_tflops']:5.0f}"
                   f" ratio {r.get('fwd_ratio', 1):.2f} / {r.get('fwd_bwd_ratio', 1):.2f}"
                   f" peak/rank {r.get('peak_mib_per_rank', 0):.0f} MiB", flush=True)
-    command = "python benchmarks/bench_attention.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    with open(os.path.join(args.out, "results.md"), "w") as f:
-        f.write(markdown(block, ring, env, command))
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(dict(environment=env, command=command, block=block, ring=ring), f, indent=1)
+    command = command_line()
+    write_results(args.out, markdown(block, ring, env, command), dict(environment=env, command=command, block=block,
+                                                                     ring=ring))
     if block and ring:
         plot(block, ring, os.path.join(args.out, "results.png"))
 

@@ -16,18 +16,18 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import math
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import environment, throughput_ms  # noqa: E402
-from ring_sp import ring_attention_simulated, schedule, split  # noqa: E402
+from benchmarks import plots  # noqa: E402
+from benchmarks.common import env_line, environment, randn, sdpa_kernel, table, throughput_ms, write_results  # noqa: E402
+from ring_sp import merge, ring_attention_simulated, schedule, split  # noqa: E402
+from ring_sp.reference import rel_err  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 
@@ -51,10 +51,6 @@ def useful_flops(lengths: list[int], backward: bool) -> float:
     return 4 * HEADS * HEAD_DIM * pairs * (3.5 if backward else 1.0)
 
 
-def _randn(*shape):
-    return torch.randn(*shape, device="cuda", dtype=torch.bfloat16)
-
-
 def _time(fwd, fwd_bwd) -> tuple[float, float]:
     return throughput_ms(fwd), throughput_ms(fwd_bwd)
 
@@ -76,9 +72,9 @@ def varlen_row(q, k, v, do, cu: torch.Tensor, longest: int) -> dict:
 
 
 def dense_row(seq: int) -> dict:
-    q, k, v, do = (_randn(1, h, seq, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+    q, k, v, do = (randn(1, h, seq, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
     qg, kg, vg = (t.detach().requires_grad_() for t in (q, k, v))
-    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+    with sdpa_kernel("cudnn"):
         t_f, t_fb = _time(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True),
                           lambda: F.scaled_dot_product_attention(qg, kg, vg, is_causal=True, enable_gqa=True)
                           .backward(do))
@@ -105,14 +101,8 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, small: 
     row = dict(kind=f"ring W={world} {layout}, {docs}" + (f", small {small}" if cu is not None else ""),
                fwd_ms=t_f, fwd_bwd_ms=t_fb, counts=vars(sched.counts))
     if cu is not None:
-        from ring_sp import merge
-
         row["out"] = merge(fwd(), layout)
     return row
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
 def main(argv=None) -> None:
@@ -128,13 +118,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = environment()
-    print(env, flush=True)
+    print(env_line(env), flush=True)
     lengths = document_lengths(args.seq, args.median, args.long)
     cu = [0]
     for n in lengths:
         cu.append(cu[-1] + n)
     print(f"{len(lengths)} documents, lengths {sorted(lengths)}", flush=True)
-    q, k, v, do = (_randn(1, args.seq, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
+    q, k, v, do = (randn(1, args.seq, h, HEAD_DIM) for h in (HEADS, KV_HEADS, KV_HEADS, HEADS))
     docs_flops = (useful_flops(lengths, False), useful_flops(lengths, True))
     rows = [dense_row(args.dense_seq)]
     cu_t = torch.tensor(cu, device="cuda", dtype=torch.int32)
@@ -145,7 +135,7 @@ def main(argv=None) -> None:
     for n, layout in enumerate(args.layouts):
         for small in (args.small if n == 0 else args.small[:1]):
             row = ring_row(q, k, v, do, args.world, layout, cu, small)
-            row["error_vs_varlen"] = rel(row.pop("out")[0], reference)
+            row["error_vs_varlen"] = rel_err(row.pop("out")[0], reference)
             rows.append(row)
             print(row, flush=True)
     schedule.SMALL_DOCUMENT = default_small
@@ -159,44 +149,32 @@ def main(argv=None) -> None:
             f_fwd, f_fb = useful_flops([args.seq], False), useful_flops([args.seq], True)
         row["fwd_tflops"], row["fwd_bwd_tflops"] = f_fwd / row["fwd_ms"] / 1e9, f_fb / row["fwd_bwd_ms"] / 1e9
     dense, var = rows[0], rows[1]
-    lines = [f"# Packed documents, simulated ring of {args.world}, {args.seq} tokens\n", env, "",
+    lines = [f"# Packed documents, simulated ring of {args.world}, {args.seq} tokens\n", env_line(env), "",
              f"Documents ({len(lengths)}): log-normal around {args.median} (sigma 0.9, clipped to 64–16384) plus "
              f"{args.long}; causal, bf16, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM}. TFLOP/s count useful FLOPs "
              "only (causal pairs inside documents; the dense row: its own causal pairs).", "",
-             "| run | fwd ms | fwd+bwd ms | fwd TFLOP/s | fwd+bwd TFLOP/s | × varlen (f+b) | × cuDNN dense (f+b) | "
-             "out vs varlen |", "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['kind']} | {row['fwd_ms']:.1f} | {row['fwd_bwd_ms']:.1f} | {row['fwd_tflops']:.0f} | "
-                     f"{row['fwd_bwd_tflops']:.0f} | {row['fwd_bwd_tflops'] / var['fwd_bwd_tflops']:.2f} | "
-                     f"{row['fwd_bwd_tflops'] / dense['fwd_bwd_tflops']:.2f} | "
-                     f"{row.get('error_vs_varlen', float('nan')):.1e} |")
+             *table(["run", "fwd ms", "fwd+bwd ms", "fwd TFLOP/s", "fwd+bwd TFLOP/s", "× varlen (f+b)",
+                     "× cuDNN dense (f+b)", "out vs varlen"],
+                    [[row["kind"], f"{row['fwd_ms']:.1f}", f"{row['fwd_bwd_ms']:.1f}", f"{row['fwd_tflops']:.0f}",
+                      f"{row['fwd_bwd_tflops']:.0f}", f"{row['fwd_bwd_tflops'] / var['fwd_bwd_tflops']:.2f}",
+                      f"{row['fwd_bwd_tflops'] / dense['fwd_bwd_tflops']:.2f}",
+                      f"{row.get('error_vs_varlen', float('nan')):.1e}"] for row in rows])]
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "results.json"), "w") as f:
-            json.dump({"environment": env, "lengths": lengths, "cu_seqlens": cu, "args": vars(args), "rows": rows},
-                      f, indent=1)
-        with open(os.path.join(args.out, "results.md"), "w") as f:
-            f.write(text + "\n")
+        write_results(args.out, text + "\n", {"environment": env, "lengths": lengths, "cu_seqlens": cu,
+                                              "args": vars(args), "rows": rows})
         plot(rows, os.path.join(args.out, "results.png"))
 
 
 def plot(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.5))
+    fig, (ax,) = plots.figure(1, (11, 0.45 * len(rows) + 1.5))
     names = [r["kind"] for r in rows]
     ax.barh(names, [r["fwd_bwd_tflops"] for r in rows], color="tab:blue", label="fwd+bwd")
     ax.barh(names, [r["fwd_tflops"] for r in rows], color="none", edgecolor="tab:orange", label="fwd")
-    ax.set_xlabel("useful TFLOP/s")
     ax.invert_yaxis()
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    plots.label(ax, xlabel="useful TFLOP/s")
+    plots.save(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

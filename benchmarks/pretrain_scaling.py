@@ -30,10 +30,8 @@ Writes ``results.md``, ``results.json`` (every number, command, environment) and
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import shlex
 import socket
 import statistics
@@ -42,6 +40,8 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from benchmarks import plots  # noqa: E402
+from benchmarks.common import command_line, env_line, environment, table, write_results  # noqa: E402
 
 # A Llama-style model of the 1B class (TinyLlama's shape, 1.0B parameters): GQA, RoPE, SwiGLU,
 # RMSNorm, no biases, bf16; full recomputation of every layer on GPUs.
@@ -165,38 +165,23 @@ def loss_overlay(opts) -> dict:
     return out
 
 
-def environment() -> dict:
-    import torch
-
-    versions = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda}
-    for module in ("triton", "deepspeed", "megatron.core"):
-        try:
-            versions[module] = __import__(module, fromlist=["x"]).__version__
-        except Exception as e:  # noqa: BLE001 - reported, not fatal
-            versions[module] = f"unavailable ({type(e).__name__})"
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (CPU ranks, gloo)"
-    return {"gpu": gpu, "versions": versions, "date": datetime.date.today().isoformat()}
-
-
 def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None:
-    lines = [f"# Pretraining on one node: {opts.nproc} ranks", "",
-             f"{env['gpu']}; " + ", ".join(f"{k} {v}" for k, v in env["versions"].items()) + f"; {env['date']}", "",
-             f"Command: `{shlex.join([sys.executable, *sys.argv])}`", "",
-             f"Model flags: `{shlex.join(opts.model_args)}`", ""]
+    lines = [f"# Pretraining on one node: {opts.nproc} ranks", "", env_line(env), "",
+             f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", ""]
     if scaled:
-        lines += ["## Sequence length", "", "| setup | seq | status | tokens/s per GPU | MFU | peak memory (MB) |",
-                  "| --- | ---: | --- | ---: | ---: | ---: |"]
+        rows = []
         for r in scaled:
             ok = r["status"] == "ok"
             mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] is not None else "—"
-            lines.append(f"| {r['name']} | {r['seq']} | {r['status']} | "
-                         + (f"{r['tokens_per_s_per_gpu']:.0f} | {mfu} | {r['peak_memory_mb']:.0f} |" if ok
-                            else "— | — | — |"))
+            rows.append([r["name"], r["seq"], r["status"], *([f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
+                                                             f"{r['peak_memory_mb']:.0f}"] if ok else ["—"] * 3)])
         longest = {}
         for r in scaled:
             if r["status"] == "ok":
                 longest[r["name"]] = max(longest.get(r["name"], 0), r["seq"])
-        lines += ["", "Longest context that trained: " + ", ".join(f"{n} {s}" for n, s in longest.items()), ""]
+        lines += ["## Sequence length", "",
+                  *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)"], rows),
+                  "", "Longest context that trained: " + ", ".join(f"{n} {s}" for n, s in longest.items()), ""]
     if loss:
         diff = loss.get("max_rel_loss_diff")
         lines += ["## Loss, two setups on the same data", "",
@@ -204,46 +189,29 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
                   f"global batch {loss['global_batch']}: "
                   + (f"largest relative loss difference over {opts.loss_iters} steps {diff:.2e} (`loss.png`)"
                      if diff is not None else "did not complete: " + ", ".join(r["status"] for r in loss["runs"])), ""]
-    with open(os.path.join(opts.out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
-    with open(os.path.join(opts.out, "results.json"), "w") as f:
-        json.dump({"environment": env, "argv": sys.argv, "scaling": scaled, "loss": loss}, f, indent=1)
+    write_results(opts.out, "\n".join(lines), {"environment": env, "argv": sys.argv, "scaling": scaled, "loss": loss})
     plot(opts.out, scaled, loss)
     print("\n".join(lines), flush=True)
 
 
 def plot(out: str, scaled: list[dict], loss: dict | None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     ok = [r for r in scaled if r["status"] == "ok"]
     if ok:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plots.figure(2, (11, 4))
         for name in dict.fromkeys(r["name"] for r in ok):
             rows = [r for r in ok if r["name"] == name]
             axes[0].plot([r["seq"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows], "o-", label=name)
             axes[1].plot([r["seq"] for r in rows], [r["peak_memory_mb"] / 1024 for r in rows], "o-", label=name)
         for ax, label in zip(axes, ("tokens/s per GPU", "peak memory, rank 0 (GiB)")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel(label)
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "scaling.png"), dpi=110)
-        plt.close(fig)
+            plots.label(ax, xlabel="sequence length", ylabel=label, log2=True)
+        plots.save(fig, os.path.join(out, "scaling.png"))
     if loss and all(r["status"] == "ok" for r in loss["runs"]):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (ax,) = plots.figure(1, (6, 4))
         for r, style in zip(loss["runs"], ("-", "--")):
             ax.plot([t["iteration"] for t in r["train"]], [t["loss"] for t in r["train"]], style, lw=1, label=r["name"])
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("training loss")
+        plots.label(ax, xlabel="iteration", ylabel="training loss")
         ax.set_title(f"seq {loss['seq']}, global batch {loss['global_batch']}", fontsize=9)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out, "loss.png"), dpi=110)
-        plt.close(fig)
+        plots.save(fig, os.path.join(out, "loss.png"))
 
 
 def main(argv: list[str] | None = None) -> int:

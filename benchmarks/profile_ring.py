@@ -17,6 +17,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.common import randn  # noqa: E402
 from ring_sp import ring_attention_simulated, split  # noqa: E402
 
 
@@ -29,7 +30,7 @@ def group(name: str) -> str:
     return "other (elementwise, init, casts, fp32 accumulation)"
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--layout", default="zigzag")
     p.add_argument("--local", type=int, default=8192)
@@ -37,8 +38,7 @@ def main(argv=None):
     p.add_argument("--backend", default="auto")
     args = p.parse_args(argv)
     seq = args.world * args.local
-    mk = lambda *s: torch.randn(*s, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    q, k, v, do = mk(1, seq, 32, 128), mk(1, seq, 8, 128), mk(1, seq, 8, 128), mk(1, seq, 32, 128)
+    q, k, v, do = randn(1, seq, 32, 128), randn(1, seq, 8, 128), randn(1, seq, 8, 128), randn(1, seq, 32, 128)
     qs, ks, vs = ([t.requires_grad_() for t in split(x, args.layout, args.world)] for x in (q, k, v))
     dos = split(do, args.layout, args.world)
 
