@@ -57,14 +57,15 @@ def verdict(plain: dict, ring: dict | None) -> tuple[int, str]:
             return 2, f"FAILED TO BUILD {name}: {report['error']}"
     if plain is not None and plain["problems"]:
         return 1, "NOT OK: ring attention is in the model without --ring-attention"
-    if ring["problems"] or not ring.get("forward_ok"):
+    if ring["problems"] or ring.get("forward_ok") is False:
         return 1, "NOT OK: --ring-attention does not take effect with this checkout"
     return 0, "OK: --ring-attention replaces every layer's core attention, RoPE and the data split"
 
 
 def _summary(report: dict) -> list[str]:
     if report.get("error"):
-        return [f"  error: {report['error']}", *("    " + line for line in report.get("traceback", "").splitlines()[-12:])]
+        trace = report.get("traceback", "").splitlines()[-12:]
+        return [f"  error: {report['error']}", *("    " + line for line in trace)]
     kinds: dict[str, int] = {}
     for _, kind in report["layers"]:
         kinds[kind] = kinds.get(kind, 0) + 1

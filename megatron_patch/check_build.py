@@ -99,7 +99,8 @@ def _forward_backward(model, split, report: dict) -> None:
              if isinstance(m, RingCoreAttention)]
     g = torch.Generator().manual_seed(0)
     seq = args.seq_length
-    batch = {"tokens": torch.randint(0, 100, (1, seq), generator=g), "labels": torch.randint(0, 100, (1, seq), generator=g),
+    tokens, labels = torch.randint(0, 100, (2, 1, seq), generator=g)
+    batch = {"tokens": tokens, "labels": labels,
              "loss_mask": torch.ones(1, seq), "position_ids": torch.arange(seq)[None], "attention_mask": None}
     if split is not None:
         params = inspect.signature(split).parameters
@@ -107,12 +108,21 @@ def _forward_backward(model, split, report: dict) -> None:
         if "cp_group" in params:
             kwargs["cp_group"] = parallel_state.get_context_parallel_group()
         batch = split(batch, **kwargs)
-    losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
-    losses.float().mean().backward()
-    for hook in hooks:
-        hook.remove()
     layers = sum(isinstance(m, RingCoreAttention) for m in model.modules())
-    report["forward"] = f"ring attention ran in {len(calls)} of {layers} layers (loss {losses.float().mean().item():.4f})"
+    try:
+        losses = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        losses.float().mean().backward()
+    except (AssertionError, RuntimeError) as error:
+        if "CUDA" not in str(error):
+            raise
+        report["forward"] = f"not run: a module of this model needs CUDA ({error})"
+        report["forward_ok"] = None
+        return
+    finally:
+        for hook in hooks:
+            hook.remove()
+    loss = losses.float().mean().item()
+    report["forward"] = f"ring attention ran in {len(calls)} of {layers} layers (loss {loss:.4f})"
     report["forward_ok"] = layers > 0 and len(calls) == layers
 
 
@@ -133,7 +143,8 @@ def _stand_in(original_pretrain, script: str, report: dict):
         report["problems"] = guard.model_problems(model, ring)
         if ring and not report["problems"]:
             _forward_backward(model, split, report)
-            report["problems"] += guard.step_problems(model, 1)
+            if report["forward_ok"] is not None:
+                report["problems"] += guard.step_problems(model, 1)
         raise _Stop
 
     return pretrain
