@@ -135,15 +135,31 @@ def agree(problems: list[str], ring_layers: int, ring: bool, when: str) -> None:
     )
 
 
-def check_model(model, ring: bool) -> None:
-    """The built model chunks (this rank's) agree with the flag, on every rank; else every rank raises."""
+def describe(model) -> str:
+    """One line: the core attention classes of the model chunks' attention layers, and the RoPE class."""
+    kinds: dict[str, int] = {}
+    for _, kind in attention_layers(model):
+        kinds[kind] = kinds.get(kind, 0) + 1
+    ropes = sorted({type(m).__name__ for _, m in _named(model) if isinstance(m, RotaryEmbedding)})
+    layers = ", ".join(f"{n} x {kind}" for kind, n in kinds.items()) or "no attention layers"
+    return f"core attention: {layers}; RoPE: {', '.join(ropes) or 'none'}"
+
+
+def check_model(model, ring: bool) -> str:
+    """The built model chunks (this rank's) agree with the flag, on every rank; else every rank raises.
+    Returns ``describe(model)``."""
     ring_layers = sum(kind == RingCoreAttention.__name__ for _, kind in attention_layers(model))
     agree(model_problems(model, ring), ring_layers, ring, "after the model was built")
+    return describe(model)
 
 
-def check_first_step(model, context_parallel_size: int) -> None:
-    """After the first training step of a ``--ring-attention`` run: the model, RoPE and data split are ours."""
+def check_first_step(model, context_parallel_size: int) -> str:
+    """After the first training step of a ``--ring-attention`` run: the model, RoPE and data split are ours
+    (else every rank raises). Returns one line saying what ran."""
     _seen["first_step"] = True
     ring_layers = sum(kind == RingCoreAttention.__name__ for _, kind in attention_layers(model))
     problems = model_problems(model, True) + step_problems(model, context_parallel_size)
     agree(problems, ring_layers, True, "after the first training step")
+    rope = any(isinstance(m, LayoutRotaryEmbedding) for _, m in _named(model))
+    split = "megatron_patch's" if _seen["data_split"] else "not called on this rank"
+    return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}"

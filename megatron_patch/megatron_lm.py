@@ -147,11 +147,17 @@ def _wrap_batch_split(original):
     return get_batch_on_this_cp_rank
 
 
+def _print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megatron_patch: {message}", flush=True)
+
+
 def _wrap_setup_model_and_optimizer(original):
     @functools.wraps(original)
     def setup_model_and_optimizer(*args, **kwargs):
         result = original(*args, **kwargs)
-        guard.check_model(result[0], defaults.megatron_lm_options() is not None)
+        _print_rank_0("guard passed after the model was built: "
+                      + guard.check_model(result[0], defaults.megatron_lm_options() is not None))
         return result
 
     return setup_model_and_optimizer
@@ -167,7 +173,8 @@ def _wrap_train_step(original):
             from megatron.core import parallel_state
 
             model = signature.bind(*args, **kwargs).arguments["model"]
-            guard.check_first_step(model, parallel_state.get_context_parallel_world_size())
+            _print_rank_0("guard passed after the first step: "
+                          + guard.check_first_step(model, parallel_state.get_context_parallel_world_size()))
         return result
 
     return train_step
