@@ -5,11 +5,13 @@
 - ``ring_gpt_model(config, ...)``: a GPTModel with that spec and RoPE positions that follow the layout;
   ``shard_batch(batch, layout, cp_group)``: the matching data split.
 - ``add_ring_attention_args`` / ``validate_ring_args`` / ``RingOptions.from_args``: the flags.
-- ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``).
+- ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``),
+  or stop every rank with ``RingAttentionNotApplied``; ``python -m megatron_patch check PATH`` reports on a checkout.
 """
 
 from megatron_patch.batch import shard_batch
 from megatron_patch.core_attention import RingCoreAttention
+from megatron_patch.guard import RingAttentionNotApplied
 from megatron_patch.megatron_lm import apply, configure, restore
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
 from megatron_patch.rope import LayoutRotaryEmbedding
@@ -17,6 +19,7 @@ from megatron_patch.spec import get_gpt_layer_ring_spec, ring_gpt_layer_spec, ri
 
 __all__ = [
     "LayoutRotaryEmbedding",
+    "RingAttentionNotApplied",
     "RingCoreAttention",
     "RingOptions",
     "add_ring_attention_args",

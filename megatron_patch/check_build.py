@@ -24,6 +24,7 @@ Megatron-LM names used: ``megatron.training.pretrain`` / ``megatron.training.tra
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import os
@@ -76,7 +77,11 @@ def _build(bound, report: dict):
         builder = container.model.get_builder_cls()(container.model)
         report["build_path"] = f"{type(builder).__name__}.build_model (config container)"
         return builder.build_model(pg_collection=pg_collection, pre_process=True, post_process=True)
-    report["build_path"] = f"model_provider ({getattr(getattr(provider, 'args', [None])[0], '__name__', provider)})"
+    if isinstance(provider, functools.partial):  # pretrain_gpt.py's partial(model_provider, gpt_builder)
+        names = [getattr(f, "__name__", "?") for f in (provider.func, *provider.args)]
+        report["build_path"] = f"{names[0]}({', '.join(names[1:])})"
+    else:
+        report["build_path"] = getattr(provider, "__name__", type(provider).__name__)
     return provider(pre_process=True, post_process=True)
 
 
