@@ -179,6 +179,8 @@ def main() -> int:
     parser.add_argument("--vocab-size", type=int, default=32000)
     parser.add_argument("--run-timeout-s", type=float, default=150)
     parser.add_argument("--deadline-s", type=float, default=560, help="start no run after this many seconds")
+    parser.add_argument("--previous", type=Path, help="a results.json of an earlier call: its runs of versions "
+                        "not run now are kept in the table")
     parser.add_argument("--cpu", action="store_true", help="dry run without a GPU (see the module docstring)")
     args = parser.parse_args()
 
@@ -194,6 +196,11 @@ def main() -> int:
             "launcher": "python -m torch.distributed.run --nproc-per-node 1 -m megatron_patch pretrain_gpt.py",
             "versions": {n: core_version(t) for n, t in trees}}
     rows, logs, start = [], [], time.time()
+    if args.previous:
+        earlier = json.loads(args.previous.read_text())
+        rows = [r for r in earlier["runs"] if r["version"] not in names]
+        meta["versions"] = {**earlier["meta"]["versions"], **meta["versions"]}
+        meta["earlier_call"] = earlier["meta"]["environment"] + "; " + earlier["meta"]["date"]
     for i, (name, tree) in enumerate(trees):
         for ring in (False, True):
             if time.time() - start > args.deadline_s:
