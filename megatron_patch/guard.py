@@ -15,6 +15,7 @@ raise ``RingAttentionNotApplied`` together, so no rank hangs in a collective the
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -63,7 +64,7 @@ def _chunks(model) -> list[torch.nn.Module]:
 def _named(model):
     for i, chunk in enumerate(_chunks(model)):
         for name, module in chunk.named_modules():
-            name = name.replace("module.", "")  # DDP / Float16Module wrappers
+            name = re.sub(r"^(module\.)+", "", name)  # DDP / Float16Module wrappers
             yield (f"chunk {i}: {name}" if len(_chunks(model)) > 1 else name), module
 
 
