@@ -5,7 +5,8 @@
 - ``ring_gpt_model(config, ...)``: a GPTModel with that spec and RoPE positions that follow the layout;
   ``shard_batch(batch, layout, cp_group)``: the matching data split.
 - ``add_ring_attention_args`` / ``validate_ring_args`` / ``RingOptions.from_args``: the flags.
-- ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``).
+- ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``),
+  or stop every rank with ``RingAttentionNotApplied``; ``python -m megatron_patch check PATH`` reports on a checkout.
 
 Names are imported on first use (PEP 562), so ``megatron_patch.options`` (the flags, no Megatron
 import) can be used to check a command line before Megatron-core is imported.
@@ -17,6 +18,7 @@ import importlib
 _SOURCES = {
     "shard_batch": "batch",
     "RingCoreAttention": "core_attention",
+    "RingAttentionNotApplied": "guard",
     "boundaries_from_eod": "documents",
     "document_mask": "documents",
     "reset_position_ids": "documents",

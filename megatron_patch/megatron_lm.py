@@ -1,58 +1,94 @@
-"""``apply()``: make an unmodified Megatron-LM ``pretrain_gpt.py`` honour ``--ring-attention``.
+"""``apply()``: make an unmodified Megatron-LM ``pretrain_gpt.py`` honour ``--ring-attention``, or stop it.
 
 Call it before ``pretrain_gpt.py`` runs its imports (``python -m megatron_patch pretrain_gpt.py ...``
-does). It replaces, by module attribute, the few Megatron functions that the script looks up:
+does). It replaces a few of Megatron's public names (works with Megatron-LM core_v0.16 to main):
 
-- ``megatron.training.arguments.parse_args`` (and the copy bound in ``megatron.training.initialize``):
-  adds the ``--ring-*`` flags to Megatron-LM's parser, validates them, records the options.
-- ``gpt_layer_specs.get_gpt_layer_local_spec`` / ``get_gpt_layer_with_transformer_engine_spec``:
-  with ``--ring-attention``, the returned layer spec gets the ring core attention.
-- ``gpt_model.RotaryEmbedding``: RoPE positions follow ``--ring-layout`` (Megatron's own otherwise).
-- ``get_batch_on_this_cp_rank`` (``megatron.core.utils`` and ``megatron.training.utils``): the data
-  split follows ``--ring-layout`` (Megatron's own for zigzag or without ``--ring-attention``).
+- ``megatron.training.arguments.parse_args`` (and the copy bound in ``megatron.training.initialize``
+  before 0.18): adds the ``--ring-*`` flags to Megatron-LM's parser, validates them, records the options.
+- ``megatron.core.transformer.attention.Attention.__init__``: with ``--ring-attention``, every
+  attention layer builds ``RingCoreAttention`` whatever core attention its layer spec names. This is
+  where the core attention is built, after every spec function and model builder has had its say
+  (Megatron-LM 0.19's ``GPTModelBuilder`` rewrites the spec's core attention; it cannot undo this).
+- ``megatron.core.models.gpt.gpt_model.RotaryEmbedding``: RoPE positions follow ``--ring-layout``.
+- ``get_batch_on_this_cp_rank`` (``megatron.core.utils``, and ``megatron.training.utils`` before 0.18):
+  the data split follows ``--ring-layout`` (Megatron's own for zigzag).
+- ``megatron.training.training.setup_model_and_optimizer`` and ``train_step``: the guard
+  (``megatron_patch.guard``) checks the built model, and after the first step RoPE and the data split;
+  if ``--ring-attention`` did not take effect (or ring attention is there without it), every rank raises.
 
-Without ``--ring-attention`` every replaced function behaves as Megatron's own.
+Without ``--ring-attention`` every replaced name behaves as Megatron's own (and the guard only
+refuses ring modules).
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib
+import inspect
 
 import torch.distributed as dist
 
-from megatron_patch import defaults
+from megatron_patch import defaults, guard
 from megatron_patch.batch import shard_batch
 from megatron_patch.documents import boundaries_from_eod, document_mask
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
 from megatron_patch.rope import LayoutRotaryEmbedding
-from megatron_patch.spec import with_ring_core_attention
+from megatron_patch.spec import ring_core_attention_spec
 
 _ORIGINALS: dict[tuple[str, str], object] = {}
+_MISSING: dict[str, str] = {}  # required name -> why it could not be replaced
 
 
-def _replace(module_name: str, attr: str, make) -> bool:
-    """Set ``module.attr = make(original)`` once; False if the module or attribute does not exist."""
+def _owner(path: str):
+    """The module, or class inside a module, named by a dotted ``path``; raises ImportError / AttributeError."""
+    parts = path.split(".")
+    for cut in range(len(parts), 0, -1):
+        name = ".".join(parts[:cut])
+        try:
+            owner = importlib.import_module(name)
+        except ModuleNotFoundError as error:
+            if error.name == name and cut > 1:
+                continue  # a class inside the module above (or a module this version lacks)
+            raise
+        for attr in parts[cut:]:
+            owner = getattr(owner, attr)
+        return owner
+    raise AssertionError(path)  # unreachable: the loop returns or raises
+
+
+def _replace(path: str, attr: str, make) -> str:
+    """Set ``owner.attr = make(original)`` once. Returns "replaced", "absent" (the package is not
+    installed, e.g. megatron.training with megatron-core alone) or why it failed."""
     try:
-        module = importlib.import_module(module_name)
-    except ImportError:
-        return False
-    if not hasattr(module, attr):
-        return False
-    original = getattr(module, attr)
-    if (module_name, attr) in _ORIGINALS or getattr(original, "_megatron_patch", False):
-        return True  # done already (maybe bound here from a module replaced before)
-    _ORIGINALS[(module_name, attr)] = original
-    replacement = make(original)
-    replacement._megatron_patch = True
-    setattr(module, attr, replacement)
-    return True
+        owner = _owner(path)
+    except ModuleNotFoundError as error:
+        if error.name is not None and path.startswith(error.name):
+            return "absent"
+        return f"importing {path} failed: {error}"
+    except (ImportError, AttributeError) as error:
+        return f"importing {path} failed: {error}"
+    original = getattr(owner, attr, None)
+    if original is None:
+        return f"{path} has no {attr}"
+    if (path, attr) not in _ORIGINALS and not getattr(original, "_megatron_patch", False):
+        _ORIGINALS[(path, attr)] = original
+        replacement = make(original)
+        replacement._megatron_patch = True
+        setattr(owner, attr, replacement)
+    return "replaced"
 
 
 def configure(args) -> RingOptions | None:
     """Validate parsed Megatron-LM ``args`` and record their ring options (None without ``--ring-attention``)."""
     validate_ring_args(args, getattr(args, "context_parallel_size", 1))
     options = RingOptions.from_args(args) if getattr(args, "ring_attention", False) else None
+    if options is not None and defaults.applied() and _MISSING:
+        raise guard.RingAttentionNotApplied(
+            f"megatron_patch: --ring-attention cannot be guaranteed with this Megatron-LM ({guard.megatron_version()}):"
+            "\n  - " + "\n  - ".join(f"{name}: {why}" for name, why in _MISSING.items())
+            + "\nUse a Megatron-LM version that `python -m megatron_patch check PATH` passes "
+            f"(tested: {guard.TESTED}) or report this one.")
     defaults.record(options)
     return options
 
@@ -74,14 +110,24 @@ def _wrap_parse_args(original):
     return parse_args
 
 
-def _wrap_layer_spec(original):
-    @functools.wraps(original)
-    def get_layer_spec(*args, **kwargs):
-        spec = original(*args, **kwargs)
-        options = defaults.megatron_lm_options()
-        return spec if options is None else with_ring_core_attention(spec, options)
+def _wrap_attention_init(original):
+    signature = inspect.signature(original)
 
-    return get_layer_spec
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        options = defaults.megatron_lm_options()
+        if options is None:
+            return original(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
+        submodules = copy.copy(bound.arguments["submodules"])
+        if hasattr(submodules, "linear_kv_down_proj"):
+            raise ValueError("multi-latent attention (MLA) is not supported by ring attention: drop "
+                             "--multi-latent-attention or --ring-attention")
+        submodules.core_attention = ring_core_attention_spec(options)
+        bound.arguments["submodules"] = submodules
+        return original(*bound.args, **bound.kwargs)
+
+    return __init__
 
 
 def _wrap_batch_split(original):
@@ -90,6 +136,7 @@ def _wrap_batch_split(original):
         options = defaults.megatron_lm_options()
         if options is None:
             return original(batch, *args, **kwargs)
+        guard.mark_data_split()
         mask = None
         if options.documents:  # from the whole sequences, before the split; replaces Megatron's dense mask
             tokens = batch["tokens"]
@@ -119,33 +166,81 @@ def _eod_token() -> int:
     return get_tokenizer().eod
 
 
-def apply() -> list[str]:
-    """Install the replacements described in the module docstring; returns what was replaced.
+def _print_rank_0(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megatron_patch: {message}", flush=True)
 
-    Idempotent. Works with megatron-core alone (then only the core functions are replaced; the
-    ``megatron.training`` ones are skipped).
+
+def _wrap_setup_model_and_optimizer(original):
+    @functools.wraps(original)
+    def setup_model_and_optimizer(*args, **kwargs):
+        result = original(*args, **kwargs)
+        _print_rank_0("guard passed after the model was built: "
+                      + guard.check_model(result[0], defaults.megatron_lm_options() is not None))
+        return result
+
+    return setup_model_and_optimizer
+
+
+def _wrap_train_step(original):
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def train_step(*args, **kwargs):
+        result = original(*args, **kwargs)
+        if defaults.megatron_lm_options() is not None and not guard.first_step_checked():
+            from megatron.core import parallel_state
+
+            model = signature.bind(*args, **kwargs).arguments["model"]
+            _print_rank_0("guard passed after the first step: "
+                          + guard.check_first_step(model, parallel_state.get_context_parallel_world_size()))
+        return result
+
+    return train_step
+
+
+# (owner, attribute, wrapper, required): a required name that exists in no form refuses --ring-attention.
+_TARGETS = [
+    ("megatron.training.arguments", "parse_args", _wrap_parse_args, True),
+    ("megatron.training.initialize", "parse_args", _wrap_parse_args, False),  # bound there before 0.18
+    ("megatron.core.transformer.attention.Attention", "__init__", _wrap_attention_init, True),
+    ("megatron.core.models.gpt.gpt_model", "RotaryEmbedding", lambda original: LayoutRotaryEmbedding, True),
+    ("megatron.core.utils", "get_batch_on_this_cp_rank", _wrap_batch_split, True),
+    ("megatron.training.utils", "get_batch_on_this_cp_rank", _wrap_batch_split, False),  # before 0.18
+    ("megatron.training.training", "setup_model_and_optimizer", _wrap_setup_model_and_optimizer, True),
+    ("megatron.training.training", "train_step", _wrap_train_step, True),
+]
+
+
+def apply() -> list[str]:
+    """Install the replacements described in the module docstring; returns the names replaced.
+
+    Idempotent. Works with megatron-core alone (then the ``megatron.training`` names are absent and
+    skipped). A required name that exists but cannot be replaced makes ``--ring-attention`` refuse.
     """
     done = []
-    targets = [
-        ("megatron.training.arguments", "parse_args", _wrap_parse_args),
-        ("megatron.training.initialize", "parse_args", _wrap_parse_args),
-        ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_local_spec", _wrap_layer_spec),
-        ("megatron.core.models.gpt.gpt_layer_specs", "get_gpt_layer_with_transformer_engine_spec", _wrap_layer_spec),
-        ("megatron.core.models.gpt.gpt_model", "RotaryEmbedding", lambda original: LayoutRotaryEmbedding),
-        ("megatron.core.utils", "get_batch_on_this_cp_rank", _wrap_batch_split),
-        ("megatron.training.utils", "get_batch_on_this_cp_rank", _wrap_batch_split),
-    ]
-    for module_name, attr, make in targets:
-        if _replace(module_name, attr, make):
-            done.append(f"{module_name}.{attr}")
+    _MISSING.clear()
+    for path, attr, make, required in _TARGETS:
+        outcome = _replace(path, attr, make)
+        if outcome == "replaced":
+            done.append(f"{path}.{attr}")
+        elif required and outcome != "absent":
+            _MISSING[f"{path}.{attr}"] = outcome
     defaults.mark_applied(True)
     return done
 
 
+def missing() -> dict[str, str]:
+    """Required names that the last ``apply()`` could not replace, with the reason."""
+    return dict(_MISSING)
+
+
 def restore() -> None:
-    """Undo ``apply()``: put Megatron's own functions back and forget the recorded options."""
-    for (module_name, attr), original in _ORIGINALS.items():
-        setattr(importlib.import_module(module_name), attr, original)
+    """Undo ``apply()``: put Megatron's own names back and forget the recorded options."""
+    for (path, attr), original in _ORIGINALS.items():
+        setattr(_owner(path), attr, original)
     _ORIGINALS.clear()
+    _MISSING.clear()
+    guard.reset()
     defaults.record(None)
     defaults.mark_applied(False)

@@ -174,6 +174,16 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
         raise ValueError("--position-embedding-type relative (an attention bias) is not supported by ring attention")
     if getattr(args, "multi_latent_attention", False):
         raise ValueError("--multi-latent-attention is not supported by ring attention")
+    variant = getattr(args, "experimental_attention_variant", None)
+    if variant is not None:
+        raise ValueError(f"--experimental-attention-variant {variant} has its own core attention, which ring attention "
+                         "would replace: drop one of them")
+    if getattr(args, "hybrid_context_parallel", False):
+        raise ValueError("--hybrid-context-parallel (per-sample context-parallel groups) is not supported by ring "
+                         "attention: drop it")
+    if getattr(args, "use_legacy_models", False):
+        raise ValueError("--use-legacy-models builds Megatron's legacy GPT, whose attention ring attention does not "
+                         "replace: drop --use-legacy-models")
     window = lookback_from_window(getattr(args, "window_size", None))
     if window is not None and options.max_lookback is not None and window != options.max_lookback:
         raise ValueError(f"--window-size {tuple(args.window_size)} means a lookback of {window} tokens but "

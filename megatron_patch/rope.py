@@ -49,6 +49,7 @@ class LayoutRotaryEmbedding(RotaryEmbedding):
                 extra = () if cp_group is None else (cp_group,)  # megatron-core < 0.15 has no cp_group
                 return super().forward(max_seq_len, offset, packed_seq, *extra)
             layout = options.layout
+        self.ring_forward_ran = True  # for megatron_patch.guard: Megatron's RoPE table comes from here
         group = cp_group if cp_group is not None else getattr(self, "cp_group", None)
         size = 1 if group is None else group.size()
         if self.inv_freq.device.type == "cpu" and torch.cuda.is_available():

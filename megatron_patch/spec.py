@@ -12,7 +12,8 @@ from megatron_patch.options import LAYOUT_AWARE_POSITIONS, RingOptions, transfor
 from megatron_patch.rope import LayoutRotaryEmbedding
 
 
-def _core_attention_spec(options: RingOptions | None) -> ModuleSpec:
+def ring_core_attention_spec(options: RingOptions | None) -> ModuleSpec:
+    """The spec of ``RingCoreAttention`` (options None: the running Megatron-LM job's, when built)."""
     return ModuleSpec(module=RingCoreAttention, params={} if options is None else {"options": options})
 
 
@@ -34,7 +35,7 @@ def with_ring_core_attention(spec, options: RingOptions | None = None):
         raise ValueError(f"{spec!r} has no self_attention.submodules.core_attention to replace")
     if hasattr(submodules, "linear_kv_down_proj"):
         raise ValueError("multi-latent attention (MLA) is not supported by ring attention")
-    submodules.core_attention = _core_attention_spec(options)
+    submodules.core_attention = ring_core_attention_spec(options)
     return spec
 
 

@@ -19,8 +19,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs, gpt_model
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
@@ -36,6 +36,7 @@ from megatron_patch import (
     shard_batch,
 )
 from ring_sp.documents import document_ids
+from tests.te_stand_ins import te_stand_ins
 
 VOCAB = 64
 
@@ -100,8 +101,21 @@ def make_config(tp: int, cp: int, *, heads: int = 4, groups: int | None = None, 
     )
 
 
-def reference_model(config: TransformerConfig, seq: int, position: str) -> GPTModel:
-    spec = get_gpt_layer_local_spec()
+def layer_spec(kind: str = "local"):
+    """The layer spec a Megatron-LM builder hands GPTModel: ``local``; ``te`` (Transformer Engine's spec,
+    with stand-ins); ``override``: local, then the core attention set to Megatron's DotProductAttention,
+    as Megatron-LM 0.19's GPTModelBuilder does for ``--attention-backend local``."""
+    if kind == "te":
+        with te_stand_ins():
+            return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec()  # looked up on the module, as the scripts do
+    if kind == "override":
+        spec.submodules.self_attention.submodules.core_attention = DotProductAttention
+    return spec
+
+
+def reference_model(config: TransformerConfig, seq: int, position: str, spec_kind: str = "local") -> GPTModel:
+    spec = layer_spec(spec_kind)
     spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
     model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=seq, position_embedding_type=position)
     if position == "rope":  # Megatron's RotaryEmbedding moves its table to CUDA; this one (cp = 1) does not
@@ -171,7 +185,7 @@ def run_reference(case: dict, replicas: int) -> dict:
     window = case.get("window") or ((case["lookback"] - 1, 0) if case.get("lookback") else None)
     config = make_config(1, 1, heads=case["heads"], groups=case.get("groups"), window=window, std=case.get("std", 0.02),
                          skip_freq=case.get("skip_freq"))
-    model = reference_model(config, case["seq"], case["position"])
+    model = reference_model(config, case["seq"], case["position"], case.get("spec", "local"))
     state = {k: v.detach().clone() for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
     optimizer = torch.optim.AdamW(model.parameters(), lr=case.get("lr", 1e-2))
     micro = case["micro"]
@@ -217,7 +231,7 @@ def _reference_slice(p, full):
 
 def _ring_model(case: dict, config: TransformerConfig, options: RingOptions):
     if case.get("build") == "apply":  # as Megatron-LM's pretrain_gpt.py builds it after megatron_patch.apply()
-        spec = gpt_layer_specs.get_gpt_layer_local_spec()  # looked up on the module, as the script does
+        spec = layer_spec(case.get("spec", "local"))
         return gpt_model.GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=case["seq"],
                                   position_embedding_type=case["position"])
     model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=case["seq"], options=options,

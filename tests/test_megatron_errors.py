@@ -164,10 +164,11 @@ def test_python_m_megatron_patch_runs_a_script_after_apply(tmp_path):
     (tmp_path / "script.py").write_text(
         "import sys\n"
         "import megatron.core.utils as utils\n"
-        "from megatron.core.models.gpt import gpt_layer_specs, gpt_model\n"
+        "from megatron.core.models.gpt import gpt_model\n"
+        "from megatron.core.transformer.attention import Attention\n"
         "from neighbour import VALUE\n"
         "print(getattr(utils.get_batch_on_this_cp_rank, '_megatron_patch', False),\n"
-        "      getattr(gpt_layer_specs.get_gpt_layer_local_spec, '_megatron_patch', False),\n"
+        "      getattr(Attention.__init__, '_megatron_patch', False),\n"
         "      gpt_model.RotaryEmbedding.__name__, VALUE, sys.argv[1:])\n")
     root = Path(__file__).resolve().parents[1]
     run = subprocess.run([sys.executable, "-W", "ignore", "-m", "megatron_patch", str(tmp_path / "script.py"),

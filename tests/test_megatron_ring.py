@@ -119,11 +119,13 @@ def test_negative_controls_fail_the_bounds(dist_pool, control):
     assert r["loss_errors"][0] > 30 * LOSS_TOL
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_apply_makes_megatron_functions_ring_aware(dist_pool, layout):
-    """After apply() and --ring-attention --ring-layout L: Megatron's own get_gpt_layer_local_spec,
-    GPTModel (RoPE) and get_batch_on_this_cp_rank give the ring model, matching the reference."""
-    cases = [_case(layout, groups=2, window=(4, 0))]
+@pytest.mark.parametrize("layout, spec", [("zigzag", "local"), ("striped", "override"), ("contiguous", "te")])
+def test_apply_makes_megatron_functions_ring_aware(dist_pool, layout, spec):
+    """After apply() and --ring-attention --ring-layout L: GPTModel built from Megatron's own layer spec
+    (local; local with the core attention set back to DotProductAttention, as Megatron-LM 0.19's
+    GPTModelBuilder does; Transformer Engine's spec with stand-ins for its modules), Megatron's RoPE and
+    get_batch_on_this_cp_rank give the ring model, matching the reference built from the same spec."""
+    cases = [_case(layout, groups=2, window=(4, 0), spec=spec)]
     argv = ["--ring-attention", "--ring-layout", layout]
     _check(dist_pool(2).run(megatron_jobs.apply_matches_reference, 1, 2, cases, argv, timeout=600), cases)
 
