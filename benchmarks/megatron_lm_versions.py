@@ -51,7 +51,7 @@ def megatron_flags(seq: int, layers: int, hidden: int, heads: int, iters: int, v
         "--transformer-impl", "local", "--position-embedding-type", "rope", "--attention-dropout", "0",
         "--hidden-dropout", "0", "--no-rope-fusion", "--no-masked-softmax-fusion", "--no-persist-layer-norm",
         "--no-gradient-accumulation-fusion", "--no-create-attention-mask-in-dataloader",
-        "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
+        "--log-interval", "1", "--eval-iters", "0", "--eval-interval", "1000", "--seed", "1234",
     ]
 
 
