@@ -96,7 +96,7 @@ class RingCoreAttention(MegatronModule):
         super().__init__(config=config)
         self.options = options if options is not None else defaults.current_options()
         self.options.check()
-        if options is None and self.options.layout != "zigzag" and not defaults.applied():
+        if options is None and not self.options.megatron_native and not defaults.applied():
             raise ValueError(f"--ring-layout {self.options.layout} needs megatron_patch.apply() before the model and "
                              "data are set up, so that the data split and RoPE follow the layout (run "
                              "`python -m megatron_patch pretrain_gpt.py ...`), or use --ring-layout zigzag")

@@ -142,7 +142,7 @@ def _wrap_batch_split(original):
             tokens = batch["tokens"]
             mask = document_mask(boundaries_from_eod(tokens, _eod_token()), *tokens.shape)
             batch["attention_mask"] = None
-        if options.layout == "zigzag":  # Megatron's own split is the zigzag layout
+        if options.megatron_native:  # Megatron's own split
             batch = original(batch, *args, **kwargs)
         else:
             group = kwargs.get("cp_group")

@@ -12,7 +12,7 @@ import importlib.util
 from dataclasses import dataclass, fields
 
 from ring_sp import kernels
-from ring_sp.layout import LAYOUTS, check_seq_len
+from ring_sp.layout import LAYOUTS, check_seq_len, get_layout
 
 # Rotary/positional flavours whose per-rank positions this package computes for every layout;
 # others (yarn, mrope) use Megatron's own zigzag slicing and so only work with layout zigzag.
@@ -54,6 +54,11 @@ class RingOptions:
                 raise ValueError(f"{flag} {value!r}: pass a positive integer or leave it out")
         if not isinstance(self.reduce_col, bool):
             raise ValueError(f"reduce_col={self.reduce_col!r}: pass True or False (--no-ring-reduce-col)")
+
+    @property
+    def megatron_native(self) -> bool:
+        """Whether the layout is Megatron's own context-parallel split (its data split and RoPE need no help)."""
+        return get_layout(self.layout).megatron_native
 
     def check_ring_size(self, context_parallel_size: int) -> None:
         """The ring is the whole context-parallel group: refuse a different ``ring_size``.
@@ -167,7 +172,7 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
         raise ValueError(f"--attention-dropout {dropout}: ring attention has no attention dropout; pass "
                          "--attention-dropout 0")
     position = getattr(args, "position_embedding_type", None)
-    if position is not None and position not in LAYOUT_AWARE_POSITIONS and options.layout != "zigzag":
+    if position is not None and position not in LAYOUT_AWARE_POSITIONS and not options.megatron_native:
         raise ValueError(f"--position-embedding-type {position} keeps Megatron's zigzag positions: use "
                          f"--ring-layout zigzag, or one of {', '.join(LAYOUT_AWARE_POSITIONS)}")
     if position == "relative":

@@ -68,7 +68,7 @@ def ring_gpt_model(config, *, vocab_size: int, max_sequence_length: int, options
     """
     options = options if options is not None else RingOptions()
     options.check()
-    if options.layout != "zigzag" and position_embedding_type not in LAYOUT_AWARE_POSITIONS:
+    if not options.megatron_native and position_embedding_type not in LAYOUT_AWARE_POSITIONS:
         raise ValueError(f"position_embedding_type={position_embedding_type!r} keeps Megatron's zigzag positions: "
                          f"use layout 'zigzag', or one of {', '.join(LAYOUT_AWARE_POSITIONS)}")
     if transformer_layer_spec is None:
