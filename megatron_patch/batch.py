@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import Tensor
 
 from megatron_patch.documents import document_mask, is_document_mask
+from megatron_patch.groups import context_parallel_group
 from ring_sp import local_positions
 from ring_sp.layout import check_seq_len
 
@@ -15,13 +15,8 @@ METADATA_KEYS = ("cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_
 
 
 def _group_size_rank(cp_group) -> tuple[int, int]:
-    if cp_group is None:
-        if not (dist.is_available() and dist.is_initialized()):
-            return 1, 0
-        cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
-        if cp_group is None:
-            return 1, 0
-    return dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    cp_group = cp_group if cp_group is not None else context_parallel_group(required=False)
+    return (1, 0) if cp_group is None else (dist.get_world_size(cp_group), dist.get_rank(cp_group))
 
 
 def shard_batch(batch: dict, layout: str, cp_group=None, *, documents=None) -> dict:

@@ -12,34 +12,18 @@ import weakref
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_patch import defaults
 from megatron_patch.documents import documents_of, is_document_mask
+from megatron_patch.groups import context_parallel_group
 from megatron_patch.options import RingOptions, lookback_from_window
 from ring_sp import local_positions, ring_attention
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FULL = (AttnMaskType.no_mask, AttnMaskType.padding)
-
-
-def context_parallel_group(pg_collection=None, model_comm_pgs=None):
-    """Megatron's context-parallel group: ``pg_collection.cp`` (0.15+), ``model_comm_pgs.cp`` (0.13–0.14),
-    else ``parallel_state``'s; None when torch.distributed is not initialised (one process)."""
-    for holder in (pg_collection, model_comm_pgs):
-        group = getattr(holder, "cp", None)
-        if group is not None:
-            return group
-    if not (dist.is_available() and dist.is_initialized()):
-        return None
-    group = parallel_state.get_context_parallel_group(check_initialized=False)
-    if group is None:
-        raise ValueError("the context-parallel group is unknown: call megatron.core.parallel_state."
-                         "initialize_model_parallel(...) first, or pass pg_collection")
-    return group
 
 
 def _window_applies(config, layer_number: int) -> bool:
