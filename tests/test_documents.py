@@ -9,10 +9,11 @@ import torch
 
 from ring_sp import document_positions, local_positions, ring_attention, ring_attention_simulated, split
 from ring_sp.comm import SimulatedRing
-from ring_sp.documents import check_documents, document_ids
+from ring_sp.documents import check_documents
 from ring_sp.layout import LAYOUTS, segments
 from ring_sp.schedule import plan
 from tests.ring_cases import check_simulated, document_cases
+from tests.schedule_cells import cell_counts, visible_cells
 from tests.test_ring_distributed import check_distributed
 
 
@@ -21,46 +22,6 @@ def _bounds(seq: int, rng: random.Random, longest: int) -> tuple[int, ...]:
     while out[-1] < seq:
         out.append(min(seq, out[-1] + rng.randint(1, longest)))
     return tuple(out)
-
-
-def _cell_counts(sched, layout, world, n, docs):
-    """count[b][r][p_local, t_global]: how often the schedule computes query p of rank r against key t,
-    for batch element b's documents (a block marked ``documents`` shows same-document cells only)."""
-    seq = world * n
-    ids = [document_ids(b, torch.arange(seq)) for b in docs]
-    counts = torch.zeros(len(docs), world, n, seq, dtype=torch.long)
-    for step, per_rank in enumerate(sched.steps):
-        for r, blocks in enumerate(per_rank):
-            qpos = local_positions(seq, layout, r, world)
-            kpos = local_positions(seq, layout, sched.source(step, r), world)
-            for blk in blocks:
-                i = torch.arange(blk.q_start, blk.q_stop)[:, None]
-                j = torch.arange(blk.k_start, blk.k_stop)[None, :]
-                d = (i - blk.q_start) - (j - blk.k_start)
-                ok = torch.ones_like(d, dtype=torch.bool)
-                if blk.band.lo is not None:
-                    ok &= d >= blk.band.lo
-                if blk.band.hi is not None:
-                    ok &= d <= blk.band.hi
-                ii, jj = torch.broadcast_tensors(i, j)
-                for e, doc in enumerate(ids):
-                    cell = ok & (doc[qpos[ii]] == doc[kpos[jj]]) if blk.documents else ok
-                    counts[e, r].index_put_((ii[cell], kpos[jj[cell]]), torch.tensor(1), accumulate=True)
-    return counts, ids
-
-
-def _visible(layout, world, n, r, causal, lookback, reduce_col, ids):
-    seq = world * n
-    p = local_positions(seq, layout, r, world)[:, None]
-    t = torch.arange(seq)[None, :]
-    want = ids[p] == ids[t]
-    if causal:
-        want &= t <= p
-    if lookback is not None:
-        want &= p - t < lookback
-    if not reduce_col:
-        want &= torch.isin(t, local_positions(seq, layout, r, world))
-    return want
 
 
 # (document pattern, small-document threshold): 1 = every piece on its own, 10**6 = all grouped.
@@ -86,13 +47,13 @@ def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, loo
         docs = (_bounds(seq, rng, 5), _bounds(seq, rng, 3))
     sched = plan(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col, documents=docs,
                  small_document=small)
-    counts, ids = _cell_counts(sched, layout, world, n, docs)
+    counts, ids = cell_counts(sched, layout, world, n, docs)
     for e, doc in enumerate(ids):
         for r in range(world):
-            want = _visible(layout, world, n, r, causal, lookback, reduce_col, doc)
+            want = visible_cells(layout, world, n, r, causal, lookback, reduce_col, doc)
             assert torch.equal(counts[e, r], want.long()), f"element {e} rank {r}: computed != visible (or twice)"
     # Skip counts against brute force: segment pairs with no visible cell in any batch element.
-    seen_by = [torch.stack([_visible(layout, world, n, r, causal, lookback, True, doc) for doc in ids]).any(0)
+    seen_by = [torch.stack([visible_cells(layout, world, n, r, causal, lookback, True, doc) for doc in ids]).any(0)
                for r in range(world)]
     skipped, busy_offsets = 0, set()
     for offset in range(world if reduce_col else 1):

@@ -7,6 +7,7 @@ import torch
 
 from ring_sp.layout import LAYOUTS, check_local_seq, local_positions, segments
 from ring_sp.schedule import plan
+from tests.schedule_cells import cell_counts, visible_cells
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -42,23 +43,7 @@ def test_bad_layout_inputs():
 def _visible_by_schedule(layout, world, n, **kw):
     """count[r][p_local, t_global]: how often the schedule computes query p of rank r against key t."""
     sched = plan(layout, world, n, **kw)
-    seq = world * n
-    counts = torch.zeros(world, n, seq, dtype=torch.long)
-    for step, per_rank in enumerate(sched.steps):
-        for r, blocks in enumerate(per_rank):
-            keys = local_positions(seq, layout, sched.source(step, r), world)
-            for b in blocks:
-                i = torch.arange(b.q_start, b.q_stop)[:, None]
-                j = torch.arange(b.k_start, b.k_stop)[None, :]
-                d = (i - b.q_start) - (j - b.k_start)
-                ok = torch.ones_like(d, dtype=torch.bool)
-                if b.band.lo is not None:
-                    ok &= d >= b.band.lo
-                if b.band.hi is not None:
-                    ok &= d <= b.band.hi
-                ii, jj = torch.broadcast_tensors(i, j)
-                counts[r].index_put_((ii[ok], keys[jj[ok]]), torch.tensor(1), accumulate=True)
-    return sched, counts
+    return sched, cell_counts(sched, layout, world, n, ((0, world * n),))[0][0]
 
 
 CASES = [
@@ -72,17 +57,8 @@ CASES = [
 @pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col", CASES)
 def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, lookback, reduce_col):
     sched, counts = _visible_by_schedule(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col)
-    seq = world * n
     for r in range(world):
-        p = local_positions(seq, layout, r, world)[:, None]
-        t = torch.arange(seq)[None, :]
-        want = torch.ones(n, seq, dtype=torch.bool)
-        if causal:
-            want &= t <= p
-        if lookback is not None:
-            want &= p - t < lookback
-        if not reduce_col:
-            want &= torch.isin(t, local_positions(seq, layout, r, world))
+        want = visible_cells(layout, world, n, r, causal, lookback, reduce_col)
         assert torch.equal(counts[r], want.long()), f"rank {r}: pairs computed != pairs visible (or computed twice)"
     last = sched.steps[-1]
     assert sched.n_steps == 1 or any(last), "a trailing step carries nothing visible"
