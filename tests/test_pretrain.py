@@ -35,7 +35,7 @@ from tests.pretrain_runs import (
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory):
     """The runs the loss comparisons share (each about 10-30 s on 2 CPU cores)."""
     tmp = tmp_path_factory.mktemp("pretrain")
