@@ -348,7 +348,9 @@ def ring_attention(
     ``cu_seqlens`` [0, e1, ..., W · local_seq]: document boundaries of the ring's whole sequence
     (global positions, before the layout's permutation), one list for the batch or one per
     element; a query then attends only to keys of its own document. ``bucket_size`` bounds the
-    score tiles of the torch backend. ``transport``: what moves K/V between ranks (default
+    score tiles of the torch backend. The option keywords (``causal`` ... ``backend``, not the
+    tensors, ``group``, ``cu_seqlens``, ``transport``, ``agree``) are the fields of
+    :class:`ring_sp.options.RingOptions`. ``transport``: what moves K/V between ranks (default
     ``DistributedRing(group, ring size)``; e.g. a subclass that records or skips transfers). Every
     rank of the group must pass the same shapes and options; if one does not, or rejects its input,
     all ranks raise ValueError together: one small all_gather per call checks it (a host sync on
