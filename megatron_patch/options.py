@@ -12,7 +12,7 @@ import argparse
 import importlib.util
 
 from ring_sp.layout import check_seq_len
-from ring_sp.options import FLAGS, OPTIONS, RingOptions, add_flags
+from ring_sp.options import DEFAULTS, FLAGS, OPTIONS, RingOptions, add_flags
 
 # Rotary/positional flavours whose per-rank positions this package computes for every layout;
 # others (yarn, mrope) use Megatron's own zigzag slicing and so only work with layout zigzag.
@@ -74,7 +74,7 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
     options.check(FLAGS)
     if not getattr(args, "ring_attention", False):
         changed = [option.flag for name, option in OPTIONS.items()
-                   if option.flag and option.ours and getattr(options, name) != getattr(RingOptions(), name)]
+                   if option.flag and option.ours and getattr(options, name) != getattr(DEFAULTS, name)]
         if changed:
             raise ValueError(f"ring flags {', '.join(changed)} were given without --ring-attention: add "
                              "--ring-attention or drop them")

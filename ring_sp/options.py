@@ -156,7 +156,8 @@ def _option(default, kind: Kind, **spelling) -> Any:
 class RingOptions:
     """Everything besides the tensors that every rank of a ring must agree on.
 
-    layout: how a sequence is sharded over the ring (``zigzag``: Megatron's own split).
+    layout: how a sequence is sharded over the ring (default ``zigzag``, Megatron's own split;
+    ``ring_attention``'s keyword defaults to ``contiguous``).
     backend: block kernel (``ring_sp.kernels.names()`` or ``auto``).
     max_lookback: sliding window in tokens (key t visible to query p iff 0 <= p - t < L), or None.
     reduce_col: False attends to this rank's own K/V only (local attention).
@@ -273,7 +274,7 @@ class View:
 
     none = "None"  # "no value"
     verb = "pass"  # "<verb> a positive integer"
-    unknown = " is unknown"  # said of a name that is not allowed
+    is_unknown = " is unknown"  # said of a name that is not allowed
     place = ""  # where, in "cannot be set <place>"
 
     def name(self, option: Option) -> str | None:
@@ -320,7 +321,7 @@ class Json(View):
 
     none = "null"
     verb = "use"
-    unknown = ""
+    is_unknown = ""
     place = "in the ring_attention section"
 
     def __init__(self, where: str):
@@ -348,4 +349,4 @@ def check_option(name: str, value, view: View) -> None:
     option = OPTIONS[name]
     fix = option.kind.fix(value, view, view.none_ok(option))
     if fix is not None:
-        raise ValueError(f"{view.said(name, option, value)}{view.unknown if option.kind.unknown else ''}: {fix}")
+        raise ValueError(f"{view.said(name, option, value)}{view.is_unknown if option.kind.unknown else ''}: {fix}")
