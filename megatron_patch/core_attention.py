@@ -9,6 +9,7 @@ applied, GQA not expanded) for this rank's share of the sequence, and expects
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,9 @@ from torch import Tensor
 from megatron_patch import defaults
 from megatron_patch.documents import documents_of, is_document_mask
 from megatron_patch.groups import context_parallel_group
-from megatron_patch.options import RingOptions, lookback_from_window
+from megatron_patch.options import RingOptions, check_ring_size, lookback_from_window
 from ring_sp import local_positions, ring_attention
+from ring_sp.options import FLAGS
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FULL = (AttnMaskType.no_mask, AttnMaskType.padding)
@@ -79,7 +81,7 @@ class RingCoreAttention(MegatronModule):
                  options: RingOptions | None = None):
         super().__init__(config=config)
         self.options = options if options is not None else defaults.current_options()
-        self.options.check()
+        self.options.check(FLAGS)
         if options is None and not self.options.megatron_native and not defaults.applied():
             raise ValueError(f"--ring-layout {self.options.layout} needs megatron_patch.apply() before the model and "
                              "data are set up, so that the data split and RoPE follow the layout (run "
@@ -106,7 +108,7 @@ class RingCoreAttention(MegatronModule):
         if configured != self.ring_size:
             raise ValueError(f"config.context_parallel_size={configured} but the context-parallel group has "
                              f"{self.ring_size} ranks: with ring attention they must match (the ring is that group)")
-        self.options.check_ring_size(self.ring_size)
+        check_ring_size(self.options, self.ring_size)
         self.ring_rank = 0 if self.group is None else dist.get_rank(self.group)
         self.lookback = self._lookback(config, layer_number)
         if self.lookback is not None and attn_mask_type not in _CAUSAL + (AttnMaskType.arbitrary,):
@@ -147,15 +149,17 @@ class RingCoreAttention(MegatronModule):
                              "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
                              "(its batch split adds them); Megatron-core: shard_batch(..., documents=cu_seqlens)")
         causal = self._causal(mask_type, attention_mask, query.shape[0], query.device)
-        out = ring_attention(
-            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-            causal=causal, layout=self.options.layout, ring_reduce_col=self.options.reduce_col,
-            bucket_size=self.options.bucket_size, max_lookback_seq_len=self.lookback,
-            softmax_scale=self.softmax_scale, group=self.group, backend=self.options.backend,
-            cu_seqlens=documents, agree=self._agrees(),
-        )
+        out = ring_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                             **self._options(causal), group=self.group, cu_seqlens=documents, agree=self._agrees())
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
+
+    def _options(self, causal: bool) -> dict:
+        """``ring_attention``'s option arguments for this layer: the ring is the whole group (``ring_size``
+        was checked against it), the window and the softmax scale are this layer's."""
+        options = replace(self.options, causal=causal, max_lookback=self.lookback, softmax_scale=self.softmax_scale,
+                          ring_size=None)
+        return options.kwargs()
 
     def _agrees(self) -> bool:
         """Only the model's first ring layer checks that the ranks agree (one host sync per forward, not per
@@ -181,10 +185,8 @@ class RingCoreAttention(MegatronModule):
         q, k, v = (t.reshape(t.shape[0], *t.shape[-2:])[None] for t in (query, key, value))  # (1, t, heads, d)
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        out = ring_attention(q, k, v, causal=mask_type not in _FULL, layout=self.options.layout,
-                             ring_reduce_col=self.options.reduce_col, bucket_size=self.options.bucket_size,
-                             max_lookback_seq_len=self.lookback, softmax_scale=self.softmax_scale, group=self.group,
-                             backend=self.options.backend, cu_seqlens=_host_boundaries(bounds), agree=self._agrees())
+        out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
+                             cu_seqlens=_host_boundaries(bounds), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:

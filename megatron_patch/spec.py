@@ -10,6 +10,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_patch.core_attention import RingCoreAttention
 from megatron_patch.options import LAYOUT_AWARE_POSITIONS, RingOptions, transformer_engine_installed
 from megatron_patch.rope import LayoutRotaryEmbedding
+from ring_sp.options import FLAGS
 
 
 def ring_core_attention_spec(options: RingOptions | None) -> ModuleSpec:
@@ -23,7 +24,7 @@ def with_ring_core_attention(spec, options: RingOptions | None = None):
     ``options`` None: resolved when the layer is built (``megatron_patch.apply()``'s flags, else defaults).
     """
     if options is not None:
-        options.check()
+        options.check(FLAGS)
     if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules (MoE / heterogeneous blocks)
         spec = copy.copy(spec)
         spec.layer_specs = [with_ring_core_attention(layer, options) for layer in spec.layer_specs]
@@ -67,7 +68,7 @@ def ring_gpt_model(config, *, vocab_size: int, max_sequence_length: int, options
     Feed it batches sharded by ``shard_batch(batch, options.layout, cp_group)``.
     """
     options = options if options is not None else RingOptions()
-    options.check()
+    options.check(FLAGS)
     if not options.megatron_native and position_embedding_type not in LAYOUT_AWARE_POSITIONS:
         raise ValueError(f"position_embedding_type={position_embedding_type!r} keeps Megatron's zigzag positions: "
                          f"use layout 'zigzag', or one of {', '.join(LAYOUT_AWARE_POSITIONS)}")
