@@ -19,15 +19,6 @@ from tests.dist_pool import DistPool  # noqa: E402
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (make test: 2 workers, --dist loadgroup) the slow tests, which start the job or
-    a script as several processes, run one after another on one worker: two of them at once would only
-    share the same cores. The other worker takes the in-process tests meanwhile."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
-
-
 @pytest.fixture(scope="session")
 def dist_pool():
     """dist_pool(world) -> a DistPool of that many gloo ranks, shared by the whole session."""
