@@ -15,8 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from launch import data
-from launch.args import run_meta
+from launch import data, recompute
+from launch.args import run_meta, uses_gpu
 from ring_sp import topology
 from ring_sp.topology import ring_loss
 
@@ -30,7 +30,7 @@ def init_distributed(args) -> tuple[torch.device, object]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    gpu = torch.cuda.is_available() and args.distributed_backend != "gloo"
+    gpu = uses_gpu(args)
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
@@ -59,8 +59,10 @@ def cpu_recompute_rng() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-def build_model(args, vocab_size: int):
-    """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank."""
+def build_model(args, vocab_size: int, fused_loss: bool = True):
+    """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank;
+    with --fused-kernels liger, liger's RMSNorm and SwiGLU in the layers and (``fused_loss``) its fused
+    linear cross-entropy as the training loss."""
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer import TransformerConfig
@@ -79,21 +81,46 @@ def build_model(args, vocab_size: int):
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
         recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers)
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=list(recompute.SELECTIVE_MODULES) if args.recompute_granularity == "selective" else None)
     common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
                   position_embedding_type=args.position_embedding_type)
-    if args.ring_attention:
-        return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
-    # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
-    # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
-    from launch.dense_attention import DenseCoreAttention
-
     spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
-    model = GPTModel(config, transformer_layer_spec=spec, **common)
-    if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
-        LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")
+    if args.fused_kernels == "liger":
+        from megatron_patch.liger import with_liger_kernels
+
+        spec, _ = with_liger_kernels(spec, config)
+    if args.ring_attention:
+        model = ring_gpt_model(config, options=RingOptions.from_args(args), transformer_layer_spec=spec, **common)
+    else:
+        # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
+        # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
+        from launch.dense_attention import DenseCoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
+        model = GPTModel(config, transformer_layer_spec=spec, **common)
+        if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
+            LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")
+    if args.fused_kernels == "liger" and fused_loss:
+        from megatron_patch.liger import LigerLossGPTModel, fused_loss_applies
+
+        if fused_loss_applies(model):
+            LigerLossGPTModel.convert(model)
     return model
+
+
+def fused_kernels(args, model) -> list[str]:
+    """The liger kernels ``model`` runs (empty with --fused-kernels none)."""
+    if args.fused_kernels != "liger":
+        return []
+    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP
+
+    modules = list(model.modules())
+    names = [name for name, there in (
+        ("RMSNorm", any(type(m).__name__ == "LigerMegatronRMSNorm" for m in modules)),
+        ("SwiGLU", any(isinstance(m, LigerSwiGLUMLP) for m in modules)),
+        ("fused linear cross-entropy", isinstance(model, LigerLossGPTModel))) if there]
+    return names
 
 
 def build_optimizer(args, model):
@@ -154,11 +181,18 @@ class Job:
         vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
         while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
             vocab += 128
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        # ZeRO-3 gathers a module's weights when its forward runs: the fused loss never runs the output layer's
+        fused_loss = stage != 3
+        shape = recompute.Shape.from_args(args, vocab, stage, dist.get_world_size(self.zero_group),
+                                          fused=("swiglu", "cross_entropy") if args.fused_kernels == "liger" else ())
+        self.recompute_line = recompute.resolve(args, shape, device)  # every rank alike
         if args.recompute_granularity and device.type == "cpu":
             cpu_recompute_rng()
         torch.manual_seed(args.seed)
-        model = build_model(args, vocab)
-        if config.get("zero_optimization", {}).get("stage", 0) == 3:
+        model = build_model(args, vocab, fused_loss)
+        self.fused = fused_kernels(args, model)
+        if stage == 3:
             topology.partition_for_zero3(model, mpu, config)  # over data × ring, not data alone
         optimizer, scheduler = build_optimizer(args, model)
         self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -183,9 +217,9 @@ class Job:
                             documents=documents if args.reset_attention_mask else None)
         return {k: v if k == "attention_mask" else v.to(self.device) for k, v in local.items()}
 
-    def sum_over_replicas(self, values: list[float]) -> torch.Tensor:
+    def sum_over_replicas(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         """Sum float64 values over data × ring (tensor-parallel ranks hold copies, so not over them)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
         dist.all_reduce(t, group=self.zero_group)
         return t
 
@@ -194,23 +228,23 @@ class Job:
         args, engine = self.args, self.engine
         torch.manual_seed(hash((args.seed, iteration, self.rank)) % 2**31)  # resumable: no RNG state to save
         engine.train()
-        total, grads_finite = 0.0, True
+        total, grads_finite = torch.zeros((), dtype=torch.float64, device=self.device), True
         for m in range(self.accum):
             b = self.batch(iteration * self.accum + m)
             per_token = engine(b["tokens"], b["position_ids"], b.get("attention_mask"),
                                labels=b["labels"])  # (batch, local_seq)
             loss = ring_loss(per_token, b["loss_mask"], self.ring_group)
-            value = loss.item()
-            if not math.isfinite(value):  # every gradient NaN, so that the optimizer's own check drops the step
-                loss = loss * float("nan")
+            total += loss.detach()
+            # a non-finite loss makes every gradient NaN, so that the optimizer's own check drops the step;
+            # decided on the device: reading the loss here would stall the host between forward and backward
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             engine.backward(loss)
             if m == self.accum - 1 and self.unchecked_gradients:  # ZeRO 0, fp32: the full gradients are here
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 grads_finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
             engine.step()
-            total += value
         norm = engine.get_global_grad_norm()
-        return Step(loss=self.sum_over_replicas([total / self.accum]).item() / self.replicas,
+        return Step(loss=self.sum_over_replicas(total / self.accum).item() / self.replicas,
                     grad_norm=None if norm is None else float(norm), grads_finite=grads_finite,
                     applied=engine.was_step_applied())
 

@@ -70,6 +70,9 @@ def run(job: Job, start: int) -> None:
               + describe_recompute(job.engine.module.config)
               + (f" | resumed after iteration {start}" if start else "")
               + (f" | saving to {args.save}" if args.save else ""), flush=True)
+        print(job.recompute_line, flush=True)
+        fused = f"liger ({', '.join(job.fused)})" if job.fused else "none (Megatron-core's modules)"
+        print(f"fused kernels: {fused}", flush=True)
     guard = NonFiniteGuard(args.nan_policy, args.nan_skip_limit, args.lr, args.fp16, job.device)
     bar = None
     if rank0 and args.progress:

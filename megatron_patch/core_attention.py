@@ -67,6 +67,17 @@ def _host_boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
     return bounds
 
 
+def keep_out_of_recompute(attention) -> None:
+    """Never checkpoint ``attention``'s core attention when it is the ring's.
+
+    Megatron's selective recompute of core attention (recompute_modules "core_attn", Megatron-LM's
+    --recompute-activations) keeps q, k, v and runs core attention again in backward. Ring attention
+    keeps only q, k, v, its output and lse anyway, so that frees nothing and would pass K/V around the
+    ring a second time."""
+    if isinstance(getattr(attention, "core_attention", None), RingCoreAttention):
+        attention.checkpoint_core_attention = False
+
+
 class RingCoreAttention(MegatronModule):
     """Exact attention of this rank's queries over its context-parallel ring's whole sequence.
 
