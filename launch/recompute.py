@@ -114,8 +114,8 @@ def activations(s: Shape, granularity: str | None, method: str | None = None, n:
         per_token = L * none
     elif granularity == "selective":
         per_token = L * sel + none - sel
-    elif method == "block":
-        per_token = n * full + (L - n) * none + (none if n else 0)
+    elif method == "block":  # backward reaches the recomputed layers after freeing the others'
+        per_token = n * full + max(L - n, 1) * none
     else:  # uniform: each chunk of n layers keeps its input; one chunk is recomputed at a time
         per_token = -(-L // n) * full + n * none
     return s.tokens * (per_token + work)
