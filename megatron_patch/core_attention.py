@@ -37,7 +37,11 @@ def _window_applies(config, layer_number: int) -> bool:
                                      layer_number)
 
 
-_BOUNDARIES: dict[int, tuple] = {}
+# read function -> (weakref to the tensor it last read, its version, what it read)
+_READS: dict[object, tuple] = {}
+# (id(mask), version, ...) -> (weakref to the attention_mask, causal): the check of a batch's mask, made once by
+# the first ring layer (with a collective and a host read of the comparison) and reused by the later layers
+_MASKS: dict[tuple, tuple] = {}
 # id(config) -> (weakref to the TransformerConfig, the smallest layer_number built with it)
 _FIRST_LAYER: dict[int, tuple] = {}
 
@@ -55,16 +59,19 @@ def _is_first_layer(config, layer_number: int) -> bool:
     return seen is None or seen[0]() is not config or seen[1] == layer_number
 
 
-def _host_boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
-    """``cu_seqlens`` as ints, read once per tensor object (every layer of a batch gets the same one)."""
-    key = id(cu_seqlens)
-    seen = _BOUNDARIES.get(key)
-    if seen is not None and seen[0]() is cu_seqlens and seen[1] == cu_seqlens._version:
+def _boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
+    return tuple(int(x) for x in cu_seqlens.tolist())
+
+
+def _read_once(t: Tensor, read):
+    """``read(t)``, a host read of a small tensor (a device sync if it is on the GPU), once per tensor object
+    and version: every layer of a batch gets the same tensor."""
+    seen = _READS.get(read)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
         return seen[2]
-    bounds = tuple(int(x) for x in cu_seqlens.tolist())  # one device sync per batch
-    _BOUNDARIES.clear()  # keep only the current batch's
-    _BOUNDARIES[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
-    return bounds
+    value = read(t)
+    _READS[read] = (weakref.ref(t), t._version, value)  # only the current batch's
+    return value
 
 
 def keep_out_of_recompute(attention) -> None:
@@ -154,7 +161,7 @@ class RingCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         documents = None
         if is_document_mask(attention_mask):
-            documents, attention_mask = documents_of(attention_mask), None
+            documents, attention_mask = _read_once(attention_mask, documents_of), None
         elif self.options.documents:
             raise ValueError("--reset-attention-mask: this batch carries no document boundaries, so ring attention "
                              "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
@@ -197,7 +204,7 @@ class RingCoreAttention(MegatronModule):
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
-                             cu_seqlens=_host_boundaries(bounds), agree=self._agrees())
+                             cu_seqlens=_read_once(bounds, _boundaries), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
@@ -212,6 +219,11 @@ class RingCoreAttention(MegatronModule):
             if len(candidates) > 1:
                 raise ValueError("attn_mask_type=arbitrary needs an attention_mask")
             return candidates[0]
+        key = (id(mask), getattr(mask, "_version", None), candidates, local_seq, self.options.layout, self.lookback)
+        first = _is_first_layer(self.config, self.layer_number)
+        seen = None if first else _MASKS.get(key)
+        if seen is not None and seen[0]() is mask:  # the mask the first layer checked: no check, no sync
+            return seen[1]
         why = self._mask_problem(mask, local_seq)
         matching = []
         if why is None:
@@ -227,6 +239,9 @@ class RingCoreAttention(MegatronModule):
                              "attention_mask=None (Megatron-LM: --no-create-attention-mask-in-dataloader); for "
                              "documents pass their boundaries (--reset-attention-mask, or "
                              "shard_batch(..., documents=cu_seqlens))")
+        if first:
+            _MASKS.clear()  # keep only the current batch's
+        _MASKS[key] = (weakref.ref(mask), matching[0])
         return matching[0]
 
     def _mask_problem(self, mask: Tensor, local_seq: int) -> str | None:

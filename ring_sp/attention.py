@@ -115,13 +115,23 @@ def _block_documents(schedule: Schedule, ids: tuple[Tensor, ...], step: int, pos
     return BlockDocuments(ids[position][:, block.q_start:block.q_stop], ids[source][:, block.k_start:block.k_stop])
 
 
+_BACKEND_CHECKED: set[tuple] = set()  # what _check_backend accepted: every layer of a model asks the same
+
+
 def _check_backend(opts: RingOptions, schedule: Schedule, positions: list[int], q: Tensor, k: Tensor,
                    mask: Tensor | None, ids: tuple[Tensor, ...] | None) -> None:
     """Raise ValueError unless ``opts.backend`` can compute every block this process will meet."""
+    key = (opts.backend, opts.bucket_size, schedule, tuple(positions), q.device, q.dtype, q.shape[2:], k.shape[2],
+           mask is None, ids is None)
+    if key in _BACKEND_CHECKED:
+        return
     kinds = {(block.band, block.documents) for step in schedule.steps for p in positions for block in step[p]}
     for band, has_documents in kinds:
         documents = BlockDocuments(ids[positions[0]], ids[positions[0]]) if has_documents else None
         kernels.choose(opts.backend, q, k, Visibility(band, mask, documents), opts.bucket_size)
+    if len(_BACKEND_CHECKED) > 1024:
+        _BACKEND_CHECKED.clear()
+    _BACKEND_CHECKED.add(key)
 
 
 # what the ranks compare, in _signature's order: the tensors, the options (ring_size resolved), the documents

@@ -96,17 +96,19 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
 
 
 @pytest.mark.parametrize("name,flags,says", [
-    ("full", ["--recompute-granularity", "full"], "recompute full (uniform: chunks of 1 layer)"),
-    ("selective", ["--recompute-activations"], "recompute selective (core_attn)"),
-], ids=["full", "selective"])
+    ("auto", ["--recompute-memory-budget", "1e-6"],
+     ["recompute full (block: the first 2 of 2 layers)", "recompute: full (estimated activations"]),
+    ("selective", ["--recompute-activations"], ["recompute selective (mlp)", "recompute: selective (as the command"]),
+], ids=["auto_full", "selective"])
 def test_activation_recompute_gives_the_same_run(runs, name, flags, says):
-    # Megatron-core's recompute on CPU (gloo), ring of 2, ZeRO-1. full: every layer's forward runs again
-    # in backward; selective: core attention, i.e. the ring attention with its K/V passing, runs again in
-    # backward. The recomputed forward is the same arithmetic on the same inputs, so loss and gradient
-    # norm are those of the ring2 run without recompute; seen: bitwise equal, every iteration.
+    # Megatron-core's recompute on CPU (gloo), ring of 2, ZeRO-1. auto with a budget nothing fits in: full
+    # recompute of every layer (the least memory), whose forward runs again in backward; selective: every MLP
+    # runs again in backward. The recomputed forward is the same arithmetic on the same inputs, so loss and
+    # gradient norm are those of the ring2 run without recompute; seen: bitwise equal, every iteration.
     out = []
     got = deepspeed_run(runs["tmp"], f"recompute_{name}", 2, 2, 1, ["--exit-interval", "4", *flags], output=out)
-    assert says in out[0]  # the built model's TransformerConfig has it: the flags were not silently dropped
+    for line in says:  # the built model's TransformerConfig has it, and the plan was printed
+        assert line in out[0], line
     assert sorted(got) == [1, 2, 3, 4]
     plain = runs["ring2"]
     for i in got:
