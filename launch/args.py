@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="the tokenizer's vocabulary, needed with --data-path; with the recall task, the model's "
+                        "vocabulary (default: the task's few tokens)")
     g = p.add_argument_group("activation recompute (Megatron's flags)")
     g.add_argument("--recompute-granularity", choices=["auto", "none", "selective", "full"], default="auto",
                    help="auto (default): the plan with the least recomputation whose estimated activations fit in "

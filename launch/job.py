@@ -178,7 +178,11 @@ class Job:
                                         documents=args.recall_documents)
             self.chance = self.data.chance
         tp = args.tensor_model_parallel_size
-        vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
+        if args.vocab_size and args.vocab_size < self.data.vocab_size:
+            raise ValueError(f"--vocab-size {args.vocab_size}: the recall task needs {self.data.vocab_size} tokens; "
+                             "give at least that many, or leave it out")
+        vocab = max(self.data.vocab_size, args.vocab_size or 0)  # the recall task in a larger vocabulary: its FLOPs
+        vocab = -(-vocab // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
         while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
             vocab += 128
         stage = config.get("zero_optimization", {}).get("stage", 0)
