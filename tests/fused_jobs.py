@@ -44,7 +44,7 @@ def liger_matches_plain(normalization: str = "LayerNorm", device: str = "cpu", d
             torch.manual_seed(0)
             layer = with_liger_kernels(spec, config)[0] if liger else spec
             model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, options=RingOptions(),
-                                   transformer_layer_spec=layer).to(device)
+                                   transformer_layer_spec=layer).to(device=device, dtype=dtype)
             if liger:
                 LigerLossGPTModel.convert(model)
             models.append(model)
