@@ -23,6 +23,12 @@ L the layers, h the hidden size (heads × head_dim) and s the sequence length: 6
 attention, half of the 12·L·h·s of full attention (QKᵀ and PV, forward and backward).
 Recomputation is not counted: it is hardware work. ``results.md`` states the formula with the numbers.
 
+``--megatron-lm TREE``: the same model at the same lengths through Megatron-LM's own ``pretrain_gpt.py``
+in ``TREE`` (a ``git archive`` of github.com/NVIDIA/Megatron-LM), one GPU, context-parallel 1, its local
+transformer, mock data, ``python -m megatron_patch ... --ring-attention``; no recomputation, or full
+recomputation of every layer when that runs out of memory. Its rows are named ``megatron-lm``; tokens/s come
+from Megatron's "elapsed time per iteration" (median after the first 5 steps).
+
 ``--recompute-granularity`` and ``--fused-kernels`` go to every run (default: the job's, auto; each
 run's log says what auto chose, and ``results.json`` keeps those lines).
 
@@ -43,6 +49,7 @@ import socket
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -177,6 +184,60 @@ def scaling(opts) -> list[dict]:
     return results
 
 
+def megatron_lm_flags(model_args: list[str], seq: int, iters: int) -> list[str]:
+    """Megatron-LM ``pretrain_gpt.py`` flags for our model flags (the shape, RoPE, SwiGLU, RMSNorm, bf16)."""
+    from benchmarks.megatron_lm_versions import megatron_flags
+    from launch.args import build_parser
+
+    a = build_parser().parse_args(model_args + ["--seq-length", str(seq)])
+    flags = megatron_flags(seq, a.num_layers, a.hidden_size, a.num_attention_heads, iters,
+                           model_shape(model_args, seq)["V"])
+    flags += ["--ffn-hidden-size", str(a.ffn_hidden_size or 4 * a.hidden_size), "--lr", str(a.lr)]
+    if a.num_query_groups and a.num_query_groups != a.num_attention_heads:
+        flags += ["--group-query-attention", "--num-query-groups", str(a.num_query_groups)]
+    flags += [f for f, on in (("--swiglu", a.swiglu), ("--disable-bias-linear", not a.add_bias_linear)) if on]
+    flags += ["--normalization", a.normalization]
+    return flags
+
+
+def megatron_lm(opts) -> list[dict]:
+    """Megatron-LM's ``pretrain_gpt.py`` with ``--ring-attention`` at every length of the scaling part."""
+    from benchmarks.megatron_lm_versions import step_ms, train
+
+    full = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    results, seq = [], opts.start_seq
+    while seq <= opts.max_seq:
+        for recompute in ([], full):
+            run = train(Path(opts.megatron_lm), megatron_lm_flags(opts.model_args, seq, opts.iters) + recompute,
+                        ring=True, timeout=opts.run_timeout, port=_port())
+            log = os.path.join(opts.out, "runs", f"megatron-lm-seq{seq}{'-full' if recompute else ''}.log")
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                f.write(run["log"])
+            oom = "out of memory" in run["log"].lower()
+            if not oom:
+                break
+        ms = step_ms(run["steps"])
+        ok = run["status"] == 0 and ms is not None and run["guard"] is not None
+        r = {"name": "megatron-lm", "ring": 1, "tp": 1, "seq": seq, "command": run["command"],
+             "log": os.path.relpath(log, opts.out), "mfu": None, "recompute": "full" if recompute else "none",
+             "fused_kernels": None, "core_attention": run["guard"], "train": run["steps"],
+             "status": "ok" if ok else ("out of memory" if oom else f"failed ({run['status']})")}
+        if ok:
+            r["tokens_per_s_per_gpu"] = seq / (ms / 1000)
+            r["flops_per_token"] = flops_per_token(opts.model_args, seq)
+            r["mfu"] = r["tokens_per_s_per_gpu"] * r["flops_per_token"] / (opts.peak_tflops * 1e12) \
+                if opts.peak_tflops else None
+            r["peak_memory_mb"] = float("nan")  # Megatron-LM does not print it without TensorBoard
+        results.append(r)
+        print(f"[megatron-lm seq {seq}] {r['status']}" + (f": {r['tokens_per_s_per_gpu']:.0f} tokens/s" if ok else ""),
+              flush=True)
+        if not ok:
+            break
+        seq *= 2
+    return results
+
+
 def loss_overlay(opts) -> dict:
     setups = [parse_setup(s) for s in opts.loss_setups]
     runs = [run_job(opts, name, ring, tp, opts.loss_seq, opts.loss_iters, opts.loss_batch)
@@ -271,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-batch", type=int, default=None, help="global batch of the loss runs")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default 989 on GPUs)")
     p.add_argument("--run-timeout", type=float, default=1800)
+    p.add_argument("--megatron-lm", default=None, metavar="TREE",
+                   help="also run Megatron-LM's pretrain_gpt.py in TREE at the same lengths (one GPU)")
     p.add_argument("--recompute-granularity", choices=["auto", "none", "selective", "full"], default=None,
                    help="passed to every run (default: the job's, auto)")
     p.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default=None,
@@ -300,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if set(parts) - {"scaling", "loss"}:
         raise ValueError(f"--parts {opts.parts!r}: choose from scaling, loss")
     env = environment()
+    if opts.megatron_lm and opts.nproc != 1:
+        raise ValueError(f"--megatron-lm runs on one GPU (context-parallel 1): pass --nproc 1, not {opts.nproc}")
     scaled = scaling(opts) if "scaling" in parts else []
+    scaled += megatron_lm(opts) if opts.megatron_lm else []
     loss = loss_overlay(opts) if "loss" in parts else None
     write_report(opts, env, scaled, loss)
     broken = [r for r in scaled if r["status"].startswith("failed")]
