@@ -70,6 +70,7 @@ def build_model(args, vocab_size: int, fused_loss: bool = True):
     from megatron_patch import LayoutRotaryEmbedding, RingOptions, ring_gpt_model
 
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    selective = args.recompute_granularity == "selective"
     config = TransformerConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
@@ -80,9 +81,10 @@ def build_model(args, vocab_size: int, fused_loss: bool = True):
         context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        recompute_modules=list(recompute.SELECTIVE_MODULES) if args.recompute_granularity == "selective" else None)
+        # selective: the MLPs recompute themselves (recompute.recomputed_mlp), not through Megatron's reentrant
+        # checkpoint, whose backward on CPU recursed until memory ran out (seen with megatron-core 0.16.1)
+        recompute_granularity=None if selective else args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
     common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
                   position_embedding_type=args.position_embedding_type)
     spec = get_gpt_layer_local_spec(normalization=args.normalization)
@@ -90,6 +92,8 @@ def build_model(args, vocab_size: int, fused_loss: bool = True):
         from megatron_patch.liger import with_liger_kernels
 
         spec, _ = with_liger_kernels(spec, config)
+    if selective:
+        spec.submodules.mlp.module = recompute.recomputed_mlp(spec.submodules.mlp.module)
     if args.ring_attention:
         model = ring_gpt_model(config, options=RingOptions.from_args(args), transformer_layer_spec=spec, **common)
     else:

@@ -28,6 +28,19 @@ from dataclasses import dataclass
 
 GB = 1e9
 SELECTIVE_MODULES = ("mlp",)  # what selective recompute recomputes in this job (layernorm: needs TE)
+
+
+def recomputed_mlp(mlp_class: type) -> type:
+    """``mlp_class`` whose forward keeps no activations and runs again in backward (PyTorch's non-reentrant
+    checkpoint; the MLP draws no random numbers, so the recompute is the same arithmetic)."""
+    import torch.utils.checkpoint
+
+    def forward(self, hidden_states, *args, **kwargs):
+        run = super(recomputed, self).forward
+        return torch.utils.checkpoint.checkpoint(run, hidden_states, *args, use_reentrant=False, **kwargs)
+
+    recomputed = type(f"Recomputed{mlp_class.__name__}", (mlp_class,), {"forward": forward, "recomputed": True})
+    return recomputed
 MARGIN = 0.9  # of the memory available, what the plan may fill (allocator slack, NCCL and DeepSpeed buffers)
 
 

@@ -46,6 +46,12 @@ def describe_recompute(config) -> str:
     return ""
 
 
+def describe_selective(model) -> str:
+    """" | recompute selective (mlp)" when the built model's MLPs recompute themselves (launch.recompute)."""
+    recomputed = [m for m in model.modules() if getattr(type(m), "recomputed", False)]
+    return " | recompute selective (mlp)" if recomputed else ""
+
+
 def train(args: argparse.Namespace, config: dict) -> None:
     """Start up (process groups, model, engine), load, train, shut down; every rank."""
     device, mpu = init_distributed(args)
@@ -67,7 +73,7 @@ def run(job: Job, start: int) -> None:
               f"{sum(getattr(p, 'ds_numel', p.numel()) for p in job.engine.module.parameters()) / 1e6:.2f}M "
               f"parameters per tensor-parallel rank | "
               f"global batch {config['train_batch_size']} × {args.seq_length} tokens"
-              + describe_recompute(job.engine.module.config)
+              + describe_recompute(job.engine.module.config) + describe_selective(job.engine.module)
               + (f" | resumed after iteration {start}" if start else "")
               + (f" | saving to {args.save}" if args.save else ""), flush=True)
         print(job.recompute_line, flush=True)
