@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from launch import data
 from launch.args import run_meta
+from launch.model import build_model, padded_vocab, transformer_config
 from ring_sp import topology
 from ring_sp.topology import ring_loss
 
@@ -59,43 +60,6 @@ def cpu_recompute_rng() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-def build_model(args, vocab_size: int):
-    """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    from megatron_patch import LayoutRotaryEmbedding, RingOptions, ring_gpt_model
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        normalization=args.normalization, gated_linear_unit=args.swiglu, add_bias_linear=args.add_bias_linear,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std, tensor_model_parallel_size=args.tensor_model_parallel_size,
-        context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
-        use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers)
-    common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
-                  position_embedding_type=args.position_embedding_type)
-    if args.ring_attention:
-        return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
-    # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
-    # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
-    from launch.dense_attention import DenseCoreAttention
-
-    spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
-    model = GPTModel(config, transformer_layer_spec=spec, **common)
-    if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
-        LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")
-    return model
-
-
 def build_optimizer(args, model):
     """AdamW (no decay on biases and norms) and a warmup + decay schedule stepped once per iteration."""
     def matrix(p) -> bool:  # ZeRO-3 leaves an empty p.data and keeps the shape in ds_shape
@@ -133,8 +97,6 @@ class Job:
     """The pieces a training step needs: engine, groups, data, and how to shard a batch."""
 
     def __init__(self, args, config, device, mpu):
-        import deepspeed
-
         self.args, self.config, self.device, self.mpu = args, config, device, mpu
         self.rank = dist.get_rank()
         self.ring_group = mpu.get_sequence_parallel_group()
@@ -150,22 +112,26 @@ class Job:
             self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed,
                                         documents=args.recall_documents)
             self.chance = self.data.chance
-        tp = args.tensor_model_parallel_size
-        vocab = -(-self.data.vocab_size // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
-        while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
-            vocab += 128
         if args.recompute_granularity and device.type == "cpu":
             cpu_recompute_rng()
+        self.model_config = transformer_config(args)
         torch.manual_seed(args.seed)
-        model = build_model(args, vocab)
-        if config.get("zero_optimization", {}).get("stage", 0) == 3:
-            topology.partition_for_zero3(model, mpu, config)  # over data × ring, not data alone
-        optimizer, scheduler = build_optimizer(args, model)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=config, mpu=mpu)
-        # DeepSpeed wraps the optimizer (ZeRO, bf16, fp16) and checks the gradients, or hands it them unchecked
-        self.unchecked_gradients = self.engine.optimizer is optimizer
+        self.engine = self.build_engine(padded_vocab(self.data.vocab_size, args.tensor_model_parallel_size))
         self.meta = run_meta(args, dist.get_world_size())
+
+    def build_engine(self, vocab_size: int):
+        """The GPTModel in a DeepSpeed engine (one pipeline stage)."""
+        import deepspeed
+
+        model = build_model(self.args, vocab_size)
+        if self.config.get("zero_optimization", {}).get("stage", 0) == 3:
+            topology.partition_for_zero3(model, self.mpu, self.config)  # over data × ring, not data alone
+        optimizer, scheduler = build_optimizer(self.args, model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=self.config, mpu=self.mpu)
+        # DeepSpeed wraps the optimizer (ZeRO, bf16, fp16) and checks the gradients, or hands it them unchecked
+        self.unchecked_gradients = engine.optimizer is optimizer
+        return engine
 
     def batch(self, micro_step: int, split: int = 0) -> dict[str, torch.Tensor]:
         """This rank's shard of its replica's micro batch number ``micro_step`` (global count); with
@@ -240,7 +206,12 @@ class Job:
             if "answer_source" in b:
                 cross = data.shard_sources(b["answer_source"].cpu(), self.layout, self.ring_rank, self.ring_size)
                 sums[2:] += data.recall_accuracy(logits.argmax(-1).cpu(), b["labels"].cpu(), cross)
-        s = self.sum_over_replicas(sums.tolist()).cpu()
+        return self.eval_result(iteration, self.sum_over_replicas(sums.tolist()).cpu())
+
+    @staticmethod
+    def eval_result(iteration: int, s: torch.Tensor) -> dict:
+        """The validation entry from the sums over every replica: scored loss, scored tokens, then
+        launch.data.recall_accuracy's counts (correct same-shard, same-shard, correct cross-shard, cross-shard)."""
         out = {"iteration": iteration, "loss": (s[0] / s[1]).item(), "acc_same": None, "acc_cross": None,
                "answers_same": int(s[3]), "answers_cross": int(s[5])}
         if s[3] > 0:
@@ -248,3 +219,12 @@ class Job:
         if s[5] > 0:
             out["acc_cross"] = (s[4] / s[5]).item()
         return out
+
+
+def make_job(args, config, device, mpu) -> Job:
+    """The job for the flags: a Job, or with --pipeline-model-parallel-size > 1 a PipelineJob."""
+    if args.pipeline_model_parallel_size > 1:
+        from launch.pipeline_job import PipelineJob
+
+        return PipelineJob(args, config, device, mpu)
+    return Job(args, config, device, mpu)
