@@ -130,6 +130,7 @@ class RingPipelineEngine(PipelineEngine):
         square = square.to(self.device)
         dist.all_reduce(square, group=self.mpu.get_model_parallel_group())  # tensor × pipeline
         norm = math.sqrt(square.item())
+        self._global_grad_norm = norm  # reported by get_global_grad_norm(), as ZeRO's optimizers do
         coef = min(1.0, self.gradient_clipping() / (norm + 1e-6))
         for p in params:
             p.grad.mul_(coef)
