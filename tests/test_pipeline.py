@@ -9,7 +9,6 @@ the last step must agree. A checkpoint saved by the pipeline resumes to the very
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -100,7 +99,7 @@ def read_eval(path) -> dict:
     return [r for r in rows if r["kind"] == "eval"][-1]
 
 
-def test_pipeline_checkpoint_resumes_the_same_run(runs, dist_pool):
+def test_pipeline_checkpoint_resumes_the_same_run(runs, dist_pool, monkeypatch):
     tmp, save = runs["tmp"], runs["tmp"] / "ckpt"
     (save / "latest").write_text("iter_0000002")  # the run also saved at its end, iteration 3
     manifest = json.load(open(save / "iter_0000002" / "ring_sp.json"))
@@ -114,17 +113,44 @@ def test_pipeline_checkpoint_resumes_the_same_run(runs, dist_pool):
     assert all(torch.equal(a[k], b[k]) for k in b)
     # a run of another layout is refused before any process group exists (launch.checkpoint.check)
     with pytest.raises(ValueError, match="saved with data=1 but this run has data=2"):
-        _parse(["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS, "--load", str(save)], world=4)
+        _parse(monkeypatch, 4, ["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS, "--load", str(save)])
 
 
-def _parse(argv: list[str], world: int):
-    """launch.args.parse_and_check as rank 0 of ``world`` ranks sees it."""
-    old = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(world)
-    try:
-        return parse_and_check(argv)
-    finally:
-        if old is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = old
+def _parse(monkeypatch, world: int, argv: list[str], section: dict | None = None, tmp_path=None):
+    """launch.args.parse_and_check as a rank of ``world`` ranks runs it, with ``section`` as the DeepSpeed config."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    if section is not None:
+        (tmp_path / "ds.json").write_text(json.dumps(section))
+        argv = ["--deepspeed_config", str(tmp_path / "ds.json"), *argv]
+    return parse_and_check(argv)
+
+
+BAD = [  # (world, flags, DeepSpeed config, message)
+    (4, ["--pipeline-model-parallel-size", "4", "--num-layers", "6"], {},
+     "--pipeline-model-parallel-size 4 does not divide --num-layers 6"),
+    (6, ["--pipeline-model-parallel-size", "2", "--ring-attention", "--context-parallel-size", "2"], {},
+     "6 ranks cannot be split into tensor 1 × pipeline 2 × ring 2 (= 4) × data"),
+    (4, ["--pipeline-model-parallel-size", "2"], {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2},
+     "gradient_accumulation_steps 1 (the micro batches of a step) is below --pipeline-model-parallel-size 2"),
+    (2, ["--pipeline-model-parallel-size", "2", "--global-batch-size", "2"], {"zero_optimization": {"stage": 2}},
+     "zero_optimization.stage 2 with --pipeline-model-parallel-size 2: DeepSpeed's pipeline engine supports ZeRO "
+     "stage 0 and 1 only"),
+    (2, ["--pipeline-model-parallel-size", "1"], {"pipeline": {"stages": 2}},
+     "pipeline.stages is 2 but the command line says --pipeline-model-parallel-size 1"),
+    (2, [], {"pipeline": {"stage": 2}}, "pipeline: unknown key 'stage' (did you mean 'stages'?)"),
+    (2, ["--pipeline-model-parallel-size", "0"], {}, "--pipeline-model-parallel-size / pipeline.stages = 0: use a"),
+]
+
+
+@pytest.mark.parametrize("world,flags,section,message", BAD, ids=[b[3][:40] for b in BAD])
+def test_bad_pipeline_input_is_refused_before_any_process_group(monkeypatch, tmp_path, world, flags, section,
+                                                                message):
+    with pytest.raises(ValueError) as error:
+        _parse(monkeypatch, world, [*MODEL, *flags], section, tmp_path)
+    assert message in str(error.value)
+
+
+def test_pipeline_size_comes_from_the_config(monkeypatch, tmp_path):
+    args, config = _parse(monkeypatch, 4, [*MODEL, "--global-batch-size", "4"], {"pipeline": {"stages": 2}}, tmp_path)
+    assert args.pipeline_model_parallel_size == 2 and config["pipeline"] == {"stages": 2}
+    assert config["gradient_accumulation_steps"] == 2  # data 2: micro batches of 1
