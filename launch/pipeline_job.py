@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from launch import data, gpt_pipe
+from launch import data, gpt_pipe, quiet
 from launch.job import Job, Step, build_optimizer
 from ring_sp.topology import ring_loss
 
@@ -27,8 +27,9 @@ class PipelineJob(Job):
 
         from ring_sp import pipeline
 
-        module = pipeline.RingPipelineModule(gpt_pipe.layers(self.args, vocab_size), topology=self.mpu.topology,
-                                             mpu=self.mpu, loss_fn=self.loss, partition_method="type:Decoder")
+        with quiet.prints_hidden(self.args.verbose):
+            module = pipeline.RingPipelineModule(gpt_pipe.layers(self.args, vocab_size), topology=self.mpu.topology,
+                                                 mpu=self.mpu, loss_fn=self.loss, partition_method="type:Decoder")
         optimizer, scheduler = build_optimizer(self.args, module)
         engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler,
                                           config=self.config)
