@@ -47,9 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
-                   help="an output layer of its own; default: the output layer is the word embedding (tied; with "
-                        "pipeline parallelism its copy on the last stage is kept equal to the first stage's)")
+    g.add_argument("--tie-embeddings-and-output-weights", action="store_true",
+                   help="the output layer is the word embedding (with pipeline parallelism a copy on the last stage, "
+                        "kept equal to the first stage's). Default: an output layer of its own (Megatron-LM ties by "
+                        "default and unties with --untie-embeddings-and-output-weights)")
     g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
     g = p.add_argument_group("activation recompute (Megatron's flags)")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,

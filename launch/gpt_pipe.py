@@ -122,7 +122,7 @@ def layers(args, vocab_size: int) -> list:
     spec = layer_spec(args, config)
     stages = args.pipeline_model_parallel_size
     embedding = (config, vocab_size, args.max_position_embeddings)
-    tied = not args.untie_embeddings_and_output_weights
+    tied = args.tie_embeddings_and_output_weights
     weight = ["embedding.word_embeddings.weight"]
     first = (TiedLayerSpec("embedding", Embedding, *embedding, args.position_embedding_type, tied=True,
                            tied_weight_attr=weight) if tied

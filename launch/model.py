@@ -97,7 +97,7 @@ def build_model(args, vocab_size: int):
     spec = layer_spec(args, config)
     common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
                   position_embedding_type=args.position_embedding_type, transformer_layer_spec=spec,
-                  share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights)
+                  share_embeddings_and_output_weights=args.tie_embeddings_and_output_weights)
     if args.ring_attention:
         return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
     model = GPTModel(config, **common)

@@ -18,9 +18,11 @@ from tests import pipeline_jobs
 from tests.pretrain_runs import MODEL, read_metrics
 
 ARGS = [*MODEL, "--train-iters", "3", "--eval-interval", "3", "--ring-attention", "--context-parallel-size", "2"]
-# Packed documents, learned positions, untied output layer, ZeRO-0 with a clipping threshold every step reaches.
+TIED = ["--tie-embeddings-and-output-weights"]
+# Packed documents, learned positions, the output layer of its own, ZeRO-0 with a clipping threshold every step
+# reaches.
 VARIANT = ["--recall-keys", "4", "--recall-documents", "2", "--position-embedding-type", "learned_absolute",
-           "--reset-attention-mask", "--untie-embeddings-and-output-weights"]
+           "--reset-attention-mask"]
 
 
 def config(tmp_path, name: str, micro: int, stage: int, clip: float = 1.0, batch: int = 4) -> str:
@@ -41,9 +43,9 @@ def runs(dist_pool, tmp_path_factory):
         out[name] = {"metrics": read_metrics(tmp / f"{name}.jsonl"), "ranks": results}
 
     # pipeline 2 × ring 2 (2 micro batches of 2) and ring 2 × data 2 (2 micro batches of 1 per replica)
-    run("p2", ["--deepspeed_config", config(tmp, "p2", 2, 1), "--pipeline-model-parallel-size", "2", *ARGS,
+    run("p2", ["--deepspeed_config", config(tmp, "p2", 2, 1), "--pipeline-model-parallel-size", "2", *ARGS, *TIED,
                "--save", str(tmp / "ckpt"), "--save-interval", "2"])
-    run("p1", ["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS])
+    run("p1", ["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS, *TIED])
     # With documents the scored tokens differ between samples and each micro batch's loss is its token mean, so
     # both runs take the same pairs of samples as micro batches: 4 of them, or 2 per replica.
     run("p2_variant", ["--deepspeed_config", config(tmp, "p2v", 2, 0, clip=0.05, batch=8),
@@ -105,7 +107,7 @@ def test_pipeline_checkpoint_resumes_the_same_run(runs, dist_pool, monkeypatch):
     manifest = json.load(open(save / "iter_0000002" / "ring_sp.json"))
     assert manifest["pipeline"] == 2 and any(name.startswith("layer_") for name in manifest["files"])
     resumed = dist_pool(4).run(pipeline_jobs.train, [
-        "--deepspeed_config", config(tmp, "p2", 2, 1), "--pipeline-model-parallel-size", "2", *ARGS,
+        "--deepspeed_config", config(tmp, "p2", 2, 1), "--pipeline-model-parallel-size", "2", *ARGS, *TIED,
         "--load", str(save), "--metrics-file", str(tmp / "resumed.jsonl")])
     got, want = read_metrics(tmp / "resumed.jsonl"), runs["p2"]["metrics"]
     assert sorted(got) == [3] and (got[3]["loss"], got[3]["grad_norm"]) == (want[3]["loss"], want[3]["grad_norm"])
@@ -113,7 +115,7 @@ def test_pipeline_checkpoint_resumes_the_same_run(runs, dist_pool, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in b)
     # a run of another layout is refused before any process group exists (launch.checkpoint.check)
     with pytest.raises(ValueError, match="saved with data=1 but this run has data=2"):
-        _parse(monkeypatch, 4, ["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS, "--load", str(save)])
+        _parse(monkeypatch, 4, ["--deepspeed_config", config(tmp, "p1", 1, 1), *ARGS, *TIED, "--load", str(save)])
 
 
 def _parse(monkeypatch, world: int, argv: list[str], section: dict | None = None, tmp_path=None):
