@@ -35,10 +35,11 @@ demo: $(VENV)/.installed
 attention-demo: $(VENV)/.installed
 	$(PY) launch/ring_attention_demo.py --nproc $(NPROC)
 
-# Two pytest workers (pytest-xdist): single-threaded tests overlap the multi-process ones.
+# Two pytest workers (pytest-xdist), one test file at a time each (--dist loadfile): a file's shared job runs
+# (session fixtures) are made once. (--dist loadgroup ignores its groups under pytest 9: seen with xdist 3.8.)
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ring_sp megatron_patch launch tests benchmarks

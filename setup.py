@@ -13,8 +13,10 @@ setup(
         "triton": ["triton>=3.0"],
         "megatron": ["megatron-core>=0.13"],
         "deepspeed": ["deepspeed>=0.14"],
+        # --fused-kernels liger: Triton RMSNorm, SwiGLU, fused linear cross-entropy (needs torch >= 2.1.2, triton)
+        "liger": ["liger-kernel>=0.8.5"],
         "dev": ["pytest", "pytest-xdist", "ruff", "matplotlib"],
-        "all": ["triton>=3.0", "megatron-core>=0.13", "deepspeed>=0.14", "matplotlib"],
+        "all": ["triton>=3.0", "megatron-core>=0.13", "deepspeed>=0.14", "liger-kernel>=0.8.5", "matplotlib"],
     },
     license="MIT",
 )

@@ -16,9 +16,21 @@ Parts (``--parts``, default both):
   difference), overlaid in ``loss.png``, with their largest relative loss difference.
 
 MFU = tokens/s per GPU × model FLOPs per token ÷ the GPU's peak bf16 FLOP/s (``--peak-tflops``;
-989 for H100 / H200 SXM). Model FLOPs per token, training, as Megatron-LM counts them: 6 × the
-matmul parameters (QKV, output projection, MLP, logits) + 6 · layers · seq · heads · head_dim for
-causal attention (half of the full 12). Recomputation is not counted: it is hardware work.
+989 for H100 / H200 SXM). Model FLOPs per token, training (forward + backward), as Megatron-LM counts
+them: 6·N + 6·L·h·s, where N is the matmul parameters (QKV, attention output projection, MLP, and the
+output layer's h·V: the vocabulary is counted; the input embedding and the norms are not matmuls),
+L the layers, h the hidden size (heads × head_dim) and s the sequence length: 6·L·h·s is causal
+attention, half of the 12·L·h·s of full attention (QKᵀ and PV, forward and backward).
+Recomputation is not counted: it is hardware work. ``results.md`` states the formula with the numbers.
+
+``--megatron-lm TREE``: the same model at the same lengths through Megatron-LM's own ``pretrain_gpt.py``
+in ``TREE`` (a ``git archive`` of github.com/NVIDIA/Megatron-LM), one GPU, context-parallel 1, its local
+transformer, mock data, ``python -m megatron_patch ... --ring-attention``; no recomputation, or full
+recomputation of every layer when that runs out of memory. Its rows are named ``megatron-lm``; tokens/s come
+from Megatron's "elapsed time per iteration" (median after the first 5 steps).
+
+``--recompute-granularity`` and ``--fused-kernels`` go to every run (default: the job's, auto; each
+run's log says what auto chose, and ``results.json`` keeps those lines).
 
     python benchmarks/pretrain_scaling.py --out benchmarks/results/h200x8-pretrain      # 8 GPUs
     python benchmarks/pretrain_scaling.py --out /tmp/ps --nproc 2 --dry-run              # CPU, tiny
@@ -37,17 +49,19 @@ import socket
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import command_line, env_line, environment, table, write_results  # noqa: E402
 
-# A Llama-style model of the 1B class (TinyLlama's shape, 1.0B parameters): GQA, RoPE, SwiGLU,
-# RMSNorm, no biases, bf16; full recomputation of every layer on GPUs.
+# A Llama-style model of the 1B class (TinyLlama's shape, 1.1B parameters with its vocabulary of 32000):
+# GQA, RoPE, SwiGLU, RMSNorm, no biases, bf16. The recall task's tokens sit in the 32000-token vocabulary.
 LLAMA_1B = ("--num-layers 22 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 32 "
             "--num-query-groups 4 --position-embedding-type rope --swiglu --normalization RMSNorm "
-            "--disable-bias-linear --bf16 --lr 3e-4 --lr-warmup-iters 10")
+            "--disable-bias-linear --bf16 --vocab-size 32000 --lr 3e-4 --lr-warmup-iters 10")
+PASSED = ("recompute_granularity", "fused_kernels")  # the script's options that every run gets
 TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --num-query-groups 2 --swiglu "
         "--normalization RMSNorm --disable-bias-linear --lr 1e-2")
 
@@ -64,8 +78,8 @@ def parse_setup(text: str) -> tuple[str, int, int]:
     return name, values["ring"], values["tp"]
 
 
-def flops_per_token(model_args: list[str], seq: int) -> float:
-    """Training model FLOPs per token (see the module docstring)."""
+def model_shape(model_args: list[str], seq: int) -> dict:
+    """N (matmul parameters, output layer included), L, h, s and V of the runs (see the module docstring)."""
     from launch import data
     from launch.args import build_parser
 
@@ -73,10 +87,24 @@ def flops_per_token(model_args: list[str], seq: int) -> float:
     h, heads = a.hidden_size, a.num_attention_heads
     dh, groups = h // heads, a.num_query_groups or heads
     ffn = a.ffn_hidden_size or 4 * h
-    vocab = a.vocab_size or data.RecallTask(seq, a.recall_keys, a.recall_values).vocab_size
+    vocab = max(a.vocab_size or 0, data.RecallTask(seq, a.recall_keys, a.recall_values).vocab_size)
     per_layer = h * dh * (heads + 2 * groups) + heads * dh * h + (3 if a.swiglu else 2) * h * ffn
-    matmul = a.num_layers * per_layer + h * vocab
-    return 6 * matmul + 6 * a.num_layers * seq * heads * dh
+    return {"N": a.num_layers * per_layer + h * vocab, "L": a.num_layers, "h": heads * dh, "s": seq, "V": vocab}
+
+
+def flops_per_token(model_args: list[str], seq: int) -> float:
+    """Training model FLOPs per token: 6·N + 6·L·h·s (see the module docstring)."""
+    m = model_shape(model_args, seq)
+    return 6 * m["N"] + 6 * m["L"] * m["h"] * m["s"]
+
+
+def mfu_formula(model_args: list[str], peak_tflops: float | None) -> str:
+    """The MFU formula of the results, with this model's numbers."""
+    m = model_shape(model_args, 4096)  # any length: the formula keeps s
+    return (f"MFU = tokens/s per GPU × (6·N + 6·L·h·s) / ({peak_tflops or 'peak'} × 10¹² FLOP/s): N = {m['N']:,} "
+            f"matmul parameters (QKV, attention output, MLP, and the output layer h·V with V = {m['V']}), "
+            f"L = {m['L']} layers, h = {m['h']}, s = the sequence length (6·L·h·s: causal attention, forward and "
+            "backward); recomputation not counted")
 
 
 def _port() -> int:
@@ -119,6 +147,8 @@ def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_ba
         except subprocess.TimeoutExpired:
             code = "timeout"
     text = open(log, errors="replace").read()
+    said = {key: next((line.strip() for line in text.splitlines() if line.startswith(f"{key}: ")), None)
+            for key in ("recompute", "fused kernels")}
     rows = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
     train = [r for r in rows if r["kind"] == "train"]
     status = "ok" if code == 0 and len(train) == iters else (
@@ -126,7 +156,8 @@ def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_ba
     if status.startswith("failed"):
         print(f"[{tag}] {status}; the end of its log:\n{text[-3000:]}", flush=True)
     return {"name": name, "ring": ring, "tp": tp, "seq": seq, "status": status, "command": shlex.join(command),
-            "log": os.path.relpath(log, opts.out), "train": train}
+            "log": os.path.relpath(log, opts.out), "mfu": None, "recompute": said["recompute"],
+            "fused_kernels": said["fused kernels"], "train": train}
 
 
 def scaling(opts) -> list[dict]:
@@ -153,6 +184,60 @@ def scaling(opts) -> list[dict]:
     return results
 
 
+def megatron_lm_flags(model_args: list[str], seq: int, iters: int) -> list[str]:
+    """Megatron-LM ``pretrain_gpt.py`` flags for our model flags (the shape, RoPE, SwiGLU, RMSNorm, bf16)."""
+    from benchmarks.megatron_lm_versions import megatron_flags
+    from launch.args import build_parser
+
+    a = build_parser().parse_args(model_args + ["--seq-length", str(seq)])
+    flags = megatron_flags(seq, a.num_layers, a.hidden_size, a.num_attention_heads, iters,
+                           model_shape(model_args, seq)["V"])
+    flags += ["--ffn-hidden-size", str(a.ffn_hidden_size or 4 * a.hidden_size), "--lr", str(a.lr)]
+    if a.num_query_groups and a.num_query_groups != a.num_attention_heads:
+        flags += ["--group-query-attention", "--num-query-groups", str(a.num_query_groups)]
+    flags += [f for f, on in (("--swiglu", a.swiglu), ("--disable-bias-linear", not a.add_bias_linear)) if on]
+    flags += ["--normalization", a.normalization]
+    return flags
+
+
+def megatron_lm(opts) -> list[dict]:
+    """Megatron-LM's ``pretrain_gpt.py`` with ``--ring-attention`` at every length of the scaling part."""
+    from benchmarks.megatron_lm_versions import step_ms, train
+
+    full = ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"]
+    results, seq = [], opts.start_seq
+    while seq <= opts.max_seq:
+        for recompute in ([], full):
+            run = train(Path(opts.megatron_lm), megatron_lm_flags(opts.model_args, seq, opts.iters) + recompute,
+                        ring=True, timeout=opts.run_timeout, port=_port())
+            log = os.path.join(opts.out, "runs", f"megatron-lm-seq{seq}{'-full' if recompute else ''}.log")
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            with open(log, "w") as f:
+                f.write(run["log"])
+            oom = "out of memory" in run["log"].lower()
+            if not oom:
+                break
+        ms = step_ms(run["steps"])
+        ok = run["status"] == 0 and ms is not None and run["guard"] is not None
+        r = {"name": "megatron-lm", "ring": 1, "tp": 1, "seq": seq, "command": run["command"],
+             "log": os.path.relpath(log, opts.out), "mfu": None, "recompute": "full" if recompute else "none",
+             "fused_kernels": None, "core_attention": run["guard"], "train": run["steps"],
+             "status": "ok" if ok else ("out of memory" if oom else f"failed ({run['status']})")}
+        if ok:
+            r["tokens_per_s_per_gpu"] = seq / (ms / 1000)
+            r["flops_per_token"] = flops_per_token(opts.model_args, seq)
+            r["mfu"] = r["tokens_per_s_per_gpu"] * r["flops_per_token"] / (opts.peak_tflops * 1e12) \
+                if opts.peak_tflops else None
+            r["peak_memory_mb"] = float("nan")  # Megatron-LM does not print it without TensorBoard
+        results.append(r)
+        print(f"[megatron-lm seq {seq}] {r['status']}" + (f": {r['tokens_per_s_per_gpu']:.0f} tokens/s" if ok else ""),
+              flush=True)
+        if not ok:
+            break
+        seq *= 2
+    return results
+
+
 def loss_overlay(opts) -> dict:
     setups = [parse_setup(s) for s in opts.loss_setups]
     runs = [run_job(opts, name, ring, tp, opts.loss_seq, opts.loss_iters, opts.loss_batch)
@@ -167,7 +252,8 @@ def loss_overlay(opts) -> dict:
 
 def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None:
     lines = [f"# Pretraining on one node: {opts.nproc} ranks", "", env_line(env), "",
-             f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", ""]
+             f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", "",
+             mfu_formula(opts.model_args, opts.peak_tflops), ""]
     if scaled:
         rows = []
         for r in scaled:
@@ -180,7 +266,10 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
             if r["status"] == "ok":
                 longest[r["name"]] = max(longest.get(r["name"], 0), r["seq"])
         lines += ["## Sequence length", "",
-                  *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)"], rows),
+                  *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)"], rows), "",
+                  "What each run chose (`--recompute-granularity`, `--fused-kernels`):", "",
+                  *(f"- {r['name']} seq {r['seq']}: {r['recompute'] or '—'}; {r['fused_kernels'] or '—'}"
+                    for r in scaled),
                   "", "Longest context that trained: " + ", ".join(f"{n} {s}" for n, s in longest.items()), ""]
     if loss:
         diff = loss.get("max_rel_loss_diff")
@@ -189,7 +278,9 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
                   f"global batch {loss['global_batch']}: "
                   + (f"largest relative loss difference over {opts.loss_iters} steps {diff:.2e} (`loss.png`)"
                      if diff is not None else "did not complete: " + ", ".join(r["status"] for r in loss["runs"])), ""]
-    write_results(opts.out, "\n".join(lines), {"environment": env, "argv": sys.argv, "scaling": scaled, "loss": loss})
+    write_results(opts.out, "\n".join(lines), {"environment": env, "argv": sys.argv,
+                                               "mfu_formula": mfu_formula(opts.model_args, opts.peak_tflops),
+                                               "peak_tflops": opts.peak_tflops, "scaling": scaled, "loss": loss})
     plot(opts.out, scaled, loss)
     print("\n".join(lines), flush=True)
 
@@ -197,12 +288,15 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
 def plot(out: str, scaled: list[dict], loss: dict | None) -> None:
     ok = [r for r in scaled if r["status"] == "ok"]
     if ok:
-        fig, axes = plots.figure(2, (11, 4))
+        fig, axes = plots.figure(3, (16, 4))
         for name in dict.fromkeys(r["name"] for r in ok):
             rows = [r for r in ok if r["name"] == name]
-            axes[0].plot([r["seq"] for r in rows], [r["tokens_per_s_per_gpu"] for r in rows], "o-", label=name)
-            axes[1].plot([r["seq"] for r in rows], [r["peak_memory_mb"] / 1024 for r in rows], "o-", label=name)
-        for ax, label in zip(axes, ("tokens/s per GPU", "peak memory, rank 0 (GiB)")):
+            seqs = [r["seq"] for r in rows]
+            axes[0].plot(seqs, [r["tokens_per_s_per_gpu"] for r in rows], "o-", label=name)
+            axes[1].plot(seqs, [100 * r["mfu"] if r["mfu"] is not None else float("nan") for r in rows], "o-",
+                         label=name)
+            axes[2].plot(seqs, [r["peak_memory_mb"] / 1024 for r in rows], "o-", label=name)
+        for ax, label in zip(axes, ("tokens/s per GPU", "MFU (%)", "peak memory, rank 0 (GiB)")):
             plots.label(ax, xlabel="sequence length", ylabel=label, log2=True)
         plots.save(fig, os.path.join(out, "scaling.png"))
     if loss and all(r["status"] == "ok" for r in loss["runs"]):
@@ -238,12 +332,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-batch", type=int, default=None, help="global batch of the loss runs")
     p.add_argument("--peak-tflops", type=float, default=None, help="peak bf16 TFLOP/s per GPU (default 989 on GPUs)")
     p.add_argument("--run-timeout", type=float, default=1800)
+    p.add_argument("--megatron-lm", default=None, metavar="TREE",
+                   help="also run Megatron-LM's pretrain_gpt.py in TREE at the same lengths (one GPU)")
+    p.add_argument("--recompute-granularity", choices=["auto", "none", "selective", "full"], default=None,
+                   help="passed to every run (default: the job's, auto)")
+    p.add_argument("--fused-kernels", choices=["auto", "liger", "none"], default=None,
+                   help="passed to every run (default: the job's, auto)")
     opts = p.parse_args(argv)
     tiny = opts.dry_run or not gpus
     n = opts.nproc
     defaults = dict(
         config=os.path.join(ROOT, "deepspeed_configs", "node_8gpu.json" if gpus else "cpu_demo.json"),
-        model=(TINY + (" --bf16" if gpus else "")) if tiny else LLAMA_1B + " --recompute-granularity full",
+        model=(TINY + (" --bf16" if gpus else "")) if tiny else LLAMA_1B,
         setups=[f"ring{n}:ring={n}", "dense:ring=0"] + ([f"tp2ring{n // 2}:ring={n // 2},tp=2"] if n >= 4 else []),
         start_seq=64 if tiny else 32768, max_seq=128 if tiny else 2**21, iters=3 if tiny else 10,
         loss_setups=[f"ring{n}:ring={n}", f"ring2data{n // 2}:ring=2" if n >= 4 else "dense:ring=0"],
@@ -253,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(opts, key) is None:
             setattr(opts, key, value)
     opts.model_args = shlex.split(opts.model)
+    for name in PASSED:
+        if getattr(opts, name) is not None:
+            opts.model_args += [f"--{name.replace('_', '-')}", getattr(opts, name)]
     # the launcher's module, so a DeepSpeed installed with --target (no bin/ script) works too
     opts.deepspeed = [sys.executable, "-m", "deepspeed.launcher.runner"]
     os.makedirs(opts.out, exist_ok=True)
@@ -260,7 +363,10 @@ def main(argv: list[str] | None = None) -> int:
     if set(parts) - {"scaling", "loss"}:
         raise ValueError(f"--parts {opts.parts!r}: choose from scaling, loss")
     env = environment()
+    if opts.megatron_lm and opts.nproc != 1:
+        raise ValueError(f"--megatron-lm runs on one GPU (context-parallel 1): pass --nproc 1, not {opts.nproc}")
     scaled = scaling(opts) if "scaling" in parts else []
+    scaled += megatron_lm(opts) if opts.megatron_lm else []
     loss = loss_overlay(opts) if "loss" in parts else None
     write_report(opts, env, scaled, loss)
     broken = [r for r in scaled if r["status"].startswith("failed")]

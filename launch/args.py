@@ -11,6 +11,7 @@ import argparse
 import os
 
 from launch import checkpoint, ds_config
+from megatron_patch.fused import FUSED_KERNELS, resolve_fused_kernels
 from megatron_patch.options import add_ring_attention_args, validate_ring_args
 
 DESCRIPTION = """Long-context GPT pretraining with ring attention: Megatron-core's GPT, DeepSpeed's engine.
@@ -51,13 +52,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the output layer is the word embedding (with pipeline parallelism a copy on the last stage, "
                         "kept equal to the first stage's). Default: an output layer of its own (Megatron-LM ties by "
                         "default and unties with --untie-embeddings-and-output-weights)")
-    g.add_argument("--vocab-size", type=int, default=None, help="needed with --data-path: the tokenizer's vocabulary")
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="the tokenizer's vocabulary, needed with --data-path; with the recall task, the model's "
+                        "vocabulary (default: the task's few tokens)")
     g = p.add_argument_group("activation recompute (Megatron's flags)")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
-                   help="full: keep only each layer chunk's input and run its forward again in backward "
-                        "(--recompute-method, --recompute-num-layers; default: uniform, 1 layer, i.e. every layer); "
-                        "selective: recompute only core attention, here the ring attention (the ring's forward, "
-                        "K/V passing included, runs again in backward). Default: no recompute")
+    g.add_argument("--recompute-granularity", choices=["auto", "none", "selective", "full"], default="auto",
+                   help="auto (default): the plan with the least recomputation whose estimated activations fit in "
+                        "the GPU's free memory (the smallest over the ranks) or --recompute-memory-budget, printed "
+                        "at start (launch/recompute.py); on CPU without a budget, none. none: keep every "
+                        "activation. selective: recompute the MLP of every layer (Megatron's recompute module "
+                        "mlp; never the ring attention, which keeps only q, k, v, "
+                        "out and would pass K/V around the ring again). full: keep only each layer chunk's input "
+                        "and run its forward again in backward (--recompute-method, --recompute-num-layers; "
+                        "default: uniform, 1 layer, i.e. every layer)")
     g.add_argument("--recompute-activations", action="store_true",
                    help="Megatron-LM's shorthand for --recompute-granularity selective")
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
@@ -67,6 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--recompute-num-layers", type=int, default=None,
                    help="with --recompute-granularity full: layers per chunk (uniform) or layers recomputed "
                         "(block); default 1")
+    g.add_argument("--recompute-memory-budget", type=float, default=None, metavar="GB",
+                   help="with --recompute-granularity auto: plan for this much memory per rank (GB, 1e9 bytes) "
+                        "instead of the GPU's free memory; on CPU, what makes auto plan at all")
+    g = p.add_argument_group("fused kernels")
+    g.add_argument("--fused-kernels", choices=list(FUSED_KERNELS), default="auto",
+                   help="liger: liger-kernel's Triton RMSNorm, SwiGLU and fused linear cross-entropy in the GPT "
+                        "layers (pip install liger-kernel; CUDA only); none: Megatron's own modules; auto "
+                        "(default): liger when it is installed and the job runs on GPUs, else none")
     g = p.add_argument_group("parallelism (Megatron's flags)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
@@ -159,6 +174,7 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     if args.save_interval is not None and args.save is None:
         raise ValueError("--save-interval needs --save DIR")
     check_recompute(args)
+    args.fused_kernels = resolve_fused_kernels(args.fused_kernels, "cuda" if uses_gpu(args) else "cpu")
     check_nan_policy(args, config)
     check_documents(args)
     args.load_tag = checkpoint.check(args.load, run_meta(args, world)) if args.load else None
@@ -225,27 +241,38 @@ def check_nan_policy(args: argparse.Namespace, config: dict) -> None:
                          "--bf16), or use --nan-policy stop")
 
 
+def uses_gpu(args: argparse.Namespace) -> bool:
+    """Whether the job runs on GPUs (NCCL), as launch.job.init_distributed decides."""
+    import torch
+
+    return torch.cuda.is_available() and args.distributed_backend != "gloo"
+
+
 def check_recompute(args) -> None:
     """Megatron-LM's recompute flags → what TransformerConfig accepts; ValueError naming the flag if they clash.
 
-    --recompute-activations = --recompute-granularity selective. Full recompute defaults to
-    --recompute-method uniform, --recompute-num-layers 1; selective takes neither (it recomputes
-    core attention in every layer)."""
+    --recompute-activations = --recompute-granularity selective; none becomes None; auto stays until the
+    job knows its memory (launch/recompute.py). Full recompute defaults to --recompute-method uniform,
+    --recompute-num-layers 1; the other modes take neither."""
     if args.recompute_activations:
         if args.recompute_granularity == "full":
             raise ValueError("--recompute-activations means --recompute-granularity selective, but the command line "
                              "says --recompute-granularity full: give one of them")
         args.recompute_granularity = "selective"
+    if args.recompute_memory_budget is not None:
+        if args.recompute_granularity != "auto":
+            raise ValueError(f"--recompute-memory-budget plans --recompute-granularity auto, but the command line "
+                             f"forces --recompute-granularity {args.recompute_granularity}: drop one of them")
+        if not args.recompute_memory_budget > 0:
+            raise ValueError(f"--recompute-memory-budget {args.recompute_memory_budget}: use a positive number of GB")
     given = [flag for flag, value in (("--recompute-method", args.recompute_method),
                                       ("--recompute-num-layers", args.recompute_num_layers)) if value is not None]
-    if args.recompute_granularity is None:
+    if args.recompute_granularity != "full":
         if given:
-            raise ValueError(f"{given[0]} needs --recompute-granularity full")
-        return
-    if args.recompute_granularity == "selective":
-        if given:
-            raise ValueError(f"{given[0]} applies to --recompute-granularity full only: selective recompute "
-                             "recomputes core attention in every layer")
+            raise ValueError(f"{given[0]} applies to --recompute-granularity full only (it needs "
+                             f"--recompute-granularity full; {args.recompute_granularity} chooses its own layers)")
+        if args.recompute_granularity == "none":
+            args.recompute_granularity = None
         return
     if args.recompute_method is None:
         args.recompute_method = "uniform"

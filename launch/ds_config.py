@@ -8,8 +8,9 @@ nothing can hang. The rules:
   keys starting with ``_`` are comments. ``"optimizer"`` / ``"scheduler"`` are refused: the job
   builds AdamW and its schedule from Megatron's flags (``--lr``, ``--lr-decay-style``, ...);
   so is ``"activation_checkpointing"`` (``--recompute-granularity`` does it).
-- ``"ring_attention"``: ``size`` (= ``--context-parallel-size``), ``layout``, ``backend``,
-  ``max_lookback``, ``reduce_col``, ``bucket_size``; it needs ``--ring-attention``.
+- ``"ring_attention"``: the JSON keys of ``ring_sp.options.RingOptions`` (``size`` =
+  ``--context-parallel-size``, ``layout``, ``backend``, ``max_lookback``, ``reduce_col``,
+  ``bucket_size``), each filling its flag; it needs ``--ring-attention``.
 - ``"pipeline"`` (DeepSpeed's section): ``stages`` (= ``--pipeline-model-parallel-size``),
   ``pipe_partitioned``, ``grad_partitioned``.
 - A value given both in the file and explicitly on the command line must agree; what only one
@@ -27,19 +28,10 @@ import copy
 import difflib
 import json
 
-from ring_sp import kernels
-from ring_sp.layout import LAYOUTS, check_seq_len
+from ring_sp.layout import check_seq_len
+from ring_sp.options import OPTIONS, Json, check_option, json_keys
 
-RING_KEYS = ("size", "layout", "backend", "max_lookback", "reduce_col", "bucket_size")
-# ring_attention key -> (argparse dest, command-line flag)
-RING_FLAGS = {
-    "size": ("context_parallel_size", "--context-parallel-size"),
-    "layout": ("ring_layout", "--ring-layout"),
-    "backend": ("ring_backend", "--ring-backend"),
-    "max_lookback": ("ring_max_lookback", "--ring-max-lookback"),
-    "reduce_col": ("ring_reduce_col", "--no-ring-reduce-col"),
-    "bucket_size": ("ring_bucket_size", "--ring-bucket-size"),
-}
+RING_KEYS = json_keys()  # ring_attention key -> RingOptions field
 KNOWN_KEYS = {
     "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print",
     "wall_clock_breakdown", "memory_breakdown", "dump_state", "bf16", "fp16", "torch_autocast", "data_types",
@@ -96,19 +88,8 @@ def _check_ring_section(section, where: str) -> None:
     for key in section:
         if key not in RING_KEYS:
             raise _unknown(key, RING_KEYS, where)
-    for key in ("size", "max_lookback", "bucket_size"):
-        value = section.get(key)
-        if key in section and not (value is None and key != "size") and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{where}.{key} = {value!r}: use a positive integer"
-                             + ("" if key == "size" else " or null"))
-    if "layout" in section and section["layout"] not in LAYOUTS:
-        raise ValueError(f"{where}.layout = {section['layout']!r}: use one of {', '.join(LAYOUTS)}")
-    if "backend" in section and section["backend"] != "auto" and section["backend"] not in kernels.names():
-        raise ValueError(f"{where}.backend = {section['backend']!r}: use \"auto\" or one of "
-                         f"{', '.join(kernels.names())}")
-    if "reduce_col" in section and not isinstance(section["reduce_col"], bool):
-        raise ValueError(f"{where}.reduce_col = {section['reduce_col']!r}: use true or false")
+    for key, value in section.items():
+        check_option(RING_KEYS[key], value, Json(where))
 
 
 def _merge_pipeline_section(config: dict, args, explicit: set[str], source: str) -> None:
@@ -180,7 +161,7 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
             raise ValueError(f"{source} has a ring_attention section but --ring-attention was not given: add "
                              "--ring-attention, or remove the section to train without ring attention")
         for key, value in ring.items():
-            dest, flag = RING_FLAGS[key]
+            dest, flag = OPTIONS[RING_KEYS[key]].json_target
             _merge(args, explicit, dest, flag, value, f"{where}.{key}")
     _merge_pipeline_section(config, args, explicit, source)
     cp = args.context_parallel_size
@@ -258,7 +239,5 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
                          "job: use stage 1 or 2 with tensor parallelism")
     config.setdefault("steps_per_print", 10**9)  # the job prints its own progress
     if ring is not None or getattr(args, "ring_attention", False):
-        config["ring_attention"] = {"size": cp, "layout": args.ring_layout, "backend": args.ring_backend,
-                                    "max_lookback": args.ring_max_lookback, "reduce_col": args.ring_reduce_col,
-                                    "bucket_size": args.ring_bucket_size}
+        config["ring_attention"] = {key: getattr(args, OPTIONS[name].json_target[0]) for key, name in RING_KEYS.items()}
     return config

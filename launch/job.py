@@ -15,9 +15,9 @@ from typing import NamedTuple
 import torch
 import torch.distributed as dist
 
-from launch import data
-from launch.args import run_meta
-from launch.model import build_model, padded_vocab, transformer_config
+from launch import data, recompute
+from launch.args import run_meta, uses_gpu
+from launch.model import build_model, fused_kernels, padded_vocab, transformer_config
 from ring_sp import topology
 from ring_sp.topology import ring_loss
 
@@ -31,7 +31,7 @@ def init_distributed(args) -> tuple[torch.device, object]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     local_rank = int(os.environ.get("LOCAL_RANK", args.local_rank or 0))
     os.environ.setdefault("LOCAL_RANK", str(local_rank))
-    gpu = torch.cuda.is_available() and args.distributed_backend != "gloo"
+    gpu = uses_gpu(args)
     device = torch.device("cuda", local_rank) if gpu else torch.device("cpu")
     if gpu:
         torch.cuda.set_device(device)
@@ -112,18 +112,32 @@ class Job:
             self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed,
                                         documents=args.recall_documents)
             self.chance = self.data.chance
+        if args.vocab_size and args.vocab_size < self.data.vocab_size:
+            raise ValueError(f"--vocab-size {args.vocab_size}: the recall task needs {self.data.vocab_size} tokens; "
+                             "give at least that many, or leave it out")
+        # the recall task in a larger vocabulary: its FLOPs
+        vocab = padded_vocab(max(self.data.vocab_size, args.vocab_size or 0), args.tensor_model_parallel_size)
+        stage = config.get("zero_optimization", {}).get("stage", 0)
+        # ZeRO-3 gathers a module's weights when its forward runs: the fused loss never runs the output layer's.
+        # Pipeline stages compute their loss in their own head (launch.gpt_pipe): liger's layers, not its loss.
+        self.fused_loss = stage != 3
+        pipeline = args.pipeline_model_parallel_size > 1
+        fused = (("swiglu",) if pipeline else ("swiglu", "cross_entropy")) if args.fused_kernels == "liger" else ()
+        shape = recompute.Shape.from_args(args, vocab, stage, dist.get_world_size(self.zero_group), fused=fused)
+        self.recompute_line = recompute.resolve(args, shape, device)  # every rank alike, before the model
         if args.recompute_granularity and device.type == "cpu":
             cpu_recompute_rng()
         self.model_config = transformer_config(args)
         torch.manual_seed(args.seed)
-        self.engine = self.build_engine(padded_vocab(self.data.vocab_size, args.tensor_model_parallel_size))
+        self.engine = self.build_engine(vocab)
+        self.fused = fused_kernels(args, self.engine.module)
         self.meta = run_meta(args, dist.get_world_size())
 
     def build_engine(self, vocab_size: int):
         """The GPTModel in a DeepSpeed engine (one pipeline stage)."""
         import deepspeed
 
-        model = build_model(self.args, vocab_size)
+        model = build_model(self.args, vocab_size, self.fused_loss)
         if self.config.get("zero_optimization", {}).get("stage", 0) == 3:
             topology.partition_for_zero3(model, self.mpu, self.config)  # over data × ring, not data alone
         optimizer, scheduler = build_optimizer(self.args, model)
@@ -149,9 +163,9 @@ class Job:
                             documents=documents if args.reset_attention_mask else None)
         return {k: v if k == "attention_mask" else v.to(self.device) for k, v in local.items()}
 
-    def sum_over_replicas(self, values: list[float]) -> torch.Tensor:
+    def sum_over_replicas(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         """Sum float64 values over data × ring (tensor-parallel ranks hold copies, so not over them)."""
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        t = torch.as_tensor(values, dtype=torch.float64, device=self.device).clone()
         dist.all_reduce(t, group=self.zero_group)
         return t
 
@@ -160,23 +174,23 @@ class Job:
         args, engine = self.args, self.engine
         torch.manual_seed(hash((args.seed, iteration, self.rank)) % 2**31)  # resumable: no RNG state to save
         engine.train()
-        total, grads_finite = 0.0, True
+        total, grads_finite = torch.zeros((), dtype=torch.float64, device=self.device), True
         for m in range(self.accum):
             b = self.batch(iteration * self.accum + m)
             per_token = engine(b["tokens"], b["position_ids"], b.get("attention_mask"),
                                labels=b["labels"])  # (batch, local_seq)
             loss = ring_loss(per_token, b["loss_mask"], self.ring_group)
-            value = loss.item()
-            if not math.isfinite(value):  # every gradient NaN, so that the optimizer's own check drops the step
-                loss = loss * float("nan")
+            total += loss.detach()
+            # a non-finite loss makes every gradient NaN, so that the optimizer's own check drops the step;
+            # decided on the device: reading the loss here would stall the host between forward and backward
+            loss = loss * torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
             engine.backward(loss)
             if m == self.accum - 1 and self.unchecked_gradients:  # ZeRO 0, fp32: the full gradients are here
                 grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
                 grads_finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
             engine.step()
-            total += value
         norm = engine.get_global_grad_norm()
-        return Step(loss=self.sum_over_replicas([total / self.accum]).item() / self.replicas,
+        return Step(loss=self.sum_over_replicas(total / self.accum).item() / self.replicas,
                     grad_norm=None if norm is None else float(norm), grads_finite=grads_finite,
                     applied=engine.was_step_applied())
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
+from launch import recompute
+
 
 def dtype_of(args) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
@@ -58,24 +60,32 @@ def transformer_config(args):
         context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
         use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers)
+        # selective: the MLPs recompute themselves (layer_spec: recompute.recomputed_mlp), not through Megatron's
+        # reentrant checkpoint, whose backward on CPU recursed until memory ran out (seen with megatron-core 0.16.1)
+        recompute_granularity=None if args.recompute_granularity == "selective" else args.recompute_granularity,
+        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
 
 
 def layer_spec(args, config):
     """Megatron's local GPT layer spec with ring core attention (--ring-attention) or dense attention
-    over the whole sequence (PyTorch's fused attention: Megatron's own DotProductAttention needs CUDA)."""
+    over the whole sequence (PyTorch's fused attention: Megatron's own DotProductAttention needs CUDA);
+    liger's RMSNorm and SwiGLU with --fused-kernels liger; self-recomputing MLPs with selective recompute."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    from megatron_patch import RingOptions, get_gpt_layer_ring_spec
+    from megatron_patch import RingOptions, with_ring_core_attention
 
+    spec = get_gpt_layer_local_spec(normalization=args.normalization, qk_layernorm=config.qk_layernorm)
+    if args.fused_kernels == "liger":
+        from megatron_patch.liger import with_liger_kernels
+
+        spec, _ = with_liger_kernels(spec, config)
+    if args.recompute_granularity == "selective":
+        spec.submodules.mlp.module = recompute.recomputed_mlp(spec.submodules.mlp.module)
     if args.ring_attention:
-        spec = get_gpt_layer_ring_spec(RingOptions.from_args(args), qk_layernorm=config.qk_layernorm,
-                                       normalization=config.normalization)
+        spec = with_ring_core_attention(spec, RingOptions.from_args(args))
     else:
         from launch.dense_attention import DenseCoreAttention
 
-        spec = get_gpt_layer_local_spec(normalization=args.normalization)
         spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
     spec.module = SeededTransformerLayer
     spec.params = {**spec.params, "seed": args.seed}
@@ -87,8 +97,9 @@ def rope_layout(args) -> str:
     return args.ring_layout if args.ring_attention else "contiguous"
 
 
-def build_model(args, vocab_size: int):
-    """The whole ``GPTModel`` (one pipeline stage); ``torch.manual_seed(args.seed)`` first."""
+def build_model(args, vocab_size: int, fused_loss: bool = True):
+    """The whole ``GPTModel`` (one pipeline stage); ``torch.manual_seed(args.seed)`` first. With
+    --fused-kernels liger and ``fused_loss``, liger's fused linear cross-entropy is the training loss."""
     from megatron.core.models.gpt import GPTModel
 
     from megatron_patch import LayoutRotaryEmbedding, RingOptions, ring_gpt_model
@@ -99,8 +110,27 @@ def build_model(args, vocab_size: int):
                   position_embedding_type=args.position_embedding_type, transformer_layer_spec=spec,
                   share_embeddings_and_output_weights=args.tie_embeddings_and_output_weights)
     if args.ring_attention:
-        return ring_gpt_model(config, options=RingOptions.from_args(args), **common)
-    model = GPTModel(config, **common)
-    if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
-        LayoutRotaryEmbedding.convert(model.rotary_pos_emb, rope_layout(args))
+        model = ring_gpt_model(config, options=RingOptions.from_args(args), **common)
+    else:
+        model = GPTModel(config, **common)
+        if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
+            LayoutRotaryEmbedding.convert(model.rotary_pos_emb, rope_layout(args))
+    if args.fused_kernels == "liger" and fused_loss:
+        from megatron_patch.liger import LigerLossGPTModel, fused_loss_applies
+
+        if fused_loss_applies(model):
+            LigerLossGPTModel.convert(model)
     return model
+
+
+def fused_kernels(args, model) -> list[str]:
+    """The liger kernels ``model`` (a GPTModel or a pipeline stage's module) runs; empty with --fused-kernels none."""
+    if args.fused_kernels != "liger":
+        return []
+    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP
+
+    modules = list(model.modules())
+    return [name for name, there in (
+        ("RMSNorm", any(type(m).__name__ == "LigerMegatronRMSNorm" for m in modules)),
+        ("SwiGLU", any(isinstance(m, LigerSwiGLUMLP) for m in modules)),
+        ("fused linear cross-entropy", isinstance(model, LigerLossGPTModel))) if there]

@@ -46,6 +46,12 @@ def describe_recompute(config) -> str:
     return ""
 
 
+def describe_selective(model) -> str:
+    """" | recompute selective (mlp)" when the built model's MLPs recompute themselves (launch.recompute)."""
+    recomputed = [m for m in model.modules() if getattr(type(m), "recomputed", False)]
+    return " | recompute selective (mlp)" if recomputed else ""
+
+
 def train(args: argparse.Namespace, config: dict) -> None:
     """Start up (process groups, model, engine), load, train, shut down; every rank."""
     device, mpu = init_distributed(args)
@@ -70,9 +76,12 @@ def run(job: Job, start: int) -> None:
               f"parameters per tensor-parallel rank" + (" of the first stage" if pp > 1 else "") + " | "
               f"global batch {config['train_batch_size']} × {args.seq_length} tokens"
               + (f" in {job.accum} micro batches" if pp > 1 else "")
-              + describe_recompute(job.model_config)
+              + describe_recompute(job.model_config) + describe_selective(job.engine.module)
               + (f" | resumed after iteration {start}" if start else "")
               + (f" | saving to {args.save}" if args.save else ""), flush=True)
+        print(job.recompute_line, flush=True)
+        fused = f"liger ({', '.join(job.fused)})" if job.fused else "none (Megatron-core's modules)"
+        print(f"fused kernels: {fused}", flush=True)
     guard = NonFiniteGuard(args.nan_policy, args.nan_skip_limit, args.lr, args.fp16, job.device)
     bar = None
     if rank0 and args.progress:

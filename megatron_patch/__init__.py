@@ -4,7 +4,8 @@
   ``ring_gpt_layer_spec``: the same, module-level, for Megatron-LM's ``--spec megatron_patch ring_gpt_layer_spec``.
 - ``ring_gpt_model(config, ...)``: a GPTModel with that spec and RoPE positions that follow the layout;
   ``shard_batch(batch, layout, cp_group)``: the matching data split.
-- ``add_ring_attention_args`` / ``validate_ring_args`` / ``RingOptions.from_args``: the flags.
+- ``add_ring_attention_args`` / ``validate_ring_args`` / ``RingOptions.from_args``: the flags
+  (``RingOptions`` is ``ring_sp.options.RingOptions``, which defines them).
 - ``apply()``: make Megatron-LM's ``pretrain_gpt.py`` honour them (``python -m megatron_patch pretrain_gpt.py``),
   or stop every rank with ``RingAttentionNotApplied``; ``python -m megatron_patch check PATH`` reports on a checkout.
 

@@ -9,6 +9,7 @@ applied, GQA not expanded) for this rank's share of the sequence, and expects
 from __future__ import annotations
 
 import weakref
+from dataclasses import replace
 
 import torch
 import torch.distributed as dist
@@ -19,8 +20,9 @@ from torch import Tensor
 from megatron_patch import defaults
 from megatron_patch.documents import documents_of, is_document_mask
 from megatron_patch.groups import context_parallel_group
-from megatron_patch.options import RingOptions, lookback_from_window
+from megatron_patch.options import RingOptions, check_ring_size, lookback_from_window
 from ring_sp import local_positions, ring_attention
+from ring_sp.options import FLAGS
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
 _FULL = (AttnMaskType.no_mask, AttnMaskType.padding)
@@ -35,7 +37,11 @@ def _window_applies(config, layer_number: int) -> bool:
                                      layer_number)
 
 
-_BOUNDARIES: dict[int, tuple] = {}
+# read function -> (weakref to the tensor it last read, its version, what it read)
+_READS: dict[object, tuple] = {}
+# (id(mask), version, ...) -> (weakref to the attention_mask, causal): the check of a batch's mask, made once by
+# the first ring layer (with a collective and a host read of the comparison) and reused by the later layers
+_MASKS: dict[tuple, tuple] = {}
 # id(config) -> (weakref to the TransformerConfig, the smallest layer_number built with it)
 _FIRST_LAYER: dict[int, tuple] = {}
 
@@ -53,16 +59,30 @@ def _is_first_layer(config, layer_number: int) -> bool:
     return seen is None or seen[0]() is not config or seen[1] == layer_number
 
 
-def _host_boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
-    """``cu_seqlens`` as ints, read once per tensor object (every layer of a batch gets the same one)."""
-    key = id(cu_seqlens)
-    seen = _BOUNDARIES.get(key)
-    if seen is not None and seen[0]() is cu_seqlens and seen[1] == cu_seqlens._version:
+def _boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
+    return tuple(int(x) for x in cu_seqlens.tolist())
+
+
+def _read_once(t: Tensor, read):
+    """``read(t)``, a host read of a small tensor (a device sync if it is on the GPU), once per tensor object
+    and version: every layer of a batch gets the same tensor."""
+    seen = _READS.get(read)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
         return seen[2]
-    bounds = tuple(int(x) for x in cu_seqlens.tolist())  # one device sync per batch
-    _BOUNDARIES.clear()  # keep only the current batch's
-    _BOUNDARIES[key] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
-    return bounds
+    value = read(t)
+    _READS[read] = (weakref.ref(t), t._version, value)  # only the current batch's
+    return value
+
+
+def keep_out_of_recompute(attention) -> None:
+    """Never checkpoint ``attention``'s core attention when it is the ring's.
+
+    Megatron's selective recompute of core attention (recompute_modules "core_attn", Megatron-LM's
+    --recompute-activations) keeps q, k, v and runs core attention again in backward. Ring attention
+    keeps only q, k, v, its output and lse anyway, so that frees nothing and would pass K/V around the
+    ring a second time."""
+    if isinstance(getattr(attention, "core_attention", None), RingCoreAttention):
+        attention.checkpoint_core_attention = False
 
 
 class RingCoreAttention(MegatronModule):
@@ -79,7 +99,7 @@ class RingCoreAttention(MegatronModule):
                  options: RingOptions | None = None):
         super().__init__(config=config)
         self.options = options if options is not None else defaults.current_options()
-        self.options.check()
+        self.options.check(FLAGS)
         if options is None and not self.options.megatron_native and not defaults.applied():
             raise ValueError(f"--ring-layout {self.options.layout} needs megatron_patch.apply() before the model and "
                              "data are set up, so that the data split and RoPE follow the layout (run "
@@ -106,7 +126,7 @@ class RingCoreAttention(MegatronModule):
         if configured != self.ring_size:
             raise ValueError(f"config.context_parallel_size={configured} but the context-parallel group has "
                              f"{self.ring_size} ranks: with ring attention they must match (the ring is that group)")
-        self.options.check_ring_size(self.ring_size)
+        check_ring_size(self.options, self.ring_size)
         self.ring_rank = 0 if self.group is None else dist.get_rank(self.group)
         self.lookback = self._lookback(config, layer_number)
         if self.lookback is not None and attn_mask_type not in _CAUSAL + (AttnMaskType.arbitrary,):
@@ -141,21 +161,23 @@ class RingCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         documents = None
         if is_document_mask(attention_mask):
-            documents, attention_mask = documents_of(attention_mask), None
+            documents, attention_mask = _read_once(attention_mask, documents_of), None
         elif self.options.documents:
             raise ValueError("--reset-attention-mask: this batch carries no document boundaries, so ring attention "
                              "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
                              "(its batch split adds them); Megatron-core: shard_batch(..., documents=cu_seqlens)")
         causal = self._causal(mask_type, attention_mask, query.shape[0], query.device)
-        out = ring_attention(
-            query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
-            causal=causal, layout=self.options.layout, ring_reduce_col=self.options.reduce_col,
-            bucket_size=self.options.bucket_size, max_lookback_seq_len=self.lookback,
-            softmax_scale=self.softmax_scale, group=self.group, backend=self.options.backend,
-            cu_seqlens=documents, agree=self._agrees(),
-        )
+        out = ring_attention(query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                             **self._options(causal), group=self.group, cu_seqlens=documents, agree=self._agrees())
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
+
+    def _options(self, causal: bool) -> dict:
+        """``ring_attention``'s option arguments for this layer: the ring is the whole group (``ring_size``
+        was checked against it), the window and the softmax scale are this layer's."""
+        options = replace(self.options, causal=causal, max_lookback=self.lookback, softmax_scale=self.softmax_scale,
+                          ring_size=None)
+        return options.kwargs()
 
     def _agrees(self) -> bool:
         """Only the model's first ring layer checks that the ranks agree (one host sync per forward, not per
@@ -181,10 +203,8 @@ class RingCoreAttention(MegatronModule):
         q, k, v = (t.reshape(t.shape[0], *t.shape[-2:])[None] for t in (query, key, value))  # (1, t, heads, d)
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
-        out = ring_attention(q, k, v, causal=mask_type not in _FULL, layout=self.options.layout,
-                             ring_reduce_col=self.options.reduce_col, bucket_size=self.options.bucket_size,
-                             max_lookback_seq_len=self.lookback, softmax_scale=self.softmax_scale, group=self.group,
-                             backend=self.options.backend, cu_seqlens=_host_boundaries(bounds), agree=self._agrees())
+        out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
+                             cu_seqlens=_read_once(bounds, _boundaries), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
@@ -199,6 +219,11 @@ class RingCoreAttention(MegatronModule):
             if len(candidates) > 1:
                 raise ValueError("attn_mask_type=arbitrary needs an attention_mask")
             return candidates[0]
+        key = (id(mask), getattr(mask, "_version", None), candidates, local_seq, self.options.layout, self.lookback)
+        first = _is_first_layer(self.config, self.layer_number)
+        seen = None if first else _MASKS.get(key)
+        if seen is not None and seen[0]() is mask:  # the mask the first layer checked: no check, no sync
+            return seen[1]
         why = self._mask_problem(mask, local_seq)
         matching = []
         if why is None:
@@ -214,6 +239,9 @@ class RingCoreAttention(MegatronModule):
                              "attention_mask=None (Megatron-LM: --no-create-attention-mask-in-dataloader); for "
                              "documents pass their boundaries (--reset-attention-mask, or "
                              "shard_batch(..., documents=cu_seqlens))")
+        if first:
+            _MASKS.clear()  # keep only the current batch's
+        _MASKS[key] = (weakref.ref(mask), matching[0])
         return matching[0]
 
     def _mask_problem(self, mask: Tensor, local_seq: int) -> str | None:

@@ -9,6 +9,7 @@ does). It replaces a few of Megatron's public names (works with Megatron-LM core
   attention layer builds ``RingCoreAttention`` whatever core attention its layer spec names. This is
   where the core attention is built, after every spec function and model builder has had its say
   (Megatron-LM 0.19's ``GPTModelBuilder`` rewrites the spec's core attention; it cannot undo this).
+  Selective recompute (``--recompute-activations``) then leaves the ring core attention alone.
 - ``megatron.core.models.gpt.gpt_model.RotaryEmbedding``: RoPE positions follow ``--ring-layout``.
 - ``get_batch_on_this_cp_rank`` (``megatron.core.utils``, and ``megatron.training.utils`` before 0.18):
   the data split follows ``--ring-layout`` (Megatron's own for zigzag).
@@ -31,6 +32,7 @@ import torch.distributed as dist
 
 from megatron_patch import defaults, guard
 from megatron_patch.batch import shard_batch
+from megatron_patch.core_attention import keep_out_of_recompute
 from megatron_patch.documents import boundaries_from_eod, document_mask
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
 from megatron_patch.rope import LayoutRotaryEmbedding
@@ -125,7 +127,8 @@ def _wrap_attention_init(original):
                              "--multi-latent-attention or --ring-attention")
         submodules.core_attention = ring_core_attention_spec(options)
         bound.arguments["submodules"] = submodules
-        return original(*bound.args, **bound.kwargs)
+        original(*bound.args, **bound.kwargs)
+        keep_out_of_recompute(self)  # --recompute-activations would run the ring again in backward
 
     return __init__
 

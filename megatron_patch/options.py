@@ -1,92 +1,37 @@
-"""Ring-attention options, the ``--ring-*`` command-line flags, and their validation.
+"""The ``--ring-*`` command-line flags of Megatron-LM, and their validation against Megatron's own flags.
 
 The ring is Megatron's context-parallel group: ``--ring-attention`` shards every sequence of
 ``--seq-length`` tokens over the ``--context-parallel-size`` ranks of that group (as Megatron's
 own context parallelism does) and passes K/V blocks around it. No extra process group is made.
+The other flags, with their types, defaults and help, come from ``ring_sp.options.RingOptions``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
-from dataclasses import dataclass, fields
 
-from ring_sp import kernels
-from ring_sp.layout import LAYOUTS, check_seq_len, get_layout
+from ring_sp.layout import check_seq_len
+from ring_sp.options import DEFAULTS, FLAGS, OPTIONS, RingOptions, add_flags
 
 # Rotary/positional flavours whose per-rank positions this package computes for every layout;
 # others (yarn, mrope) use Megatron's own zigzag slicing and so only work with layout zigzag.
 LAYOUT_AWARE_POSITIONS = ("rope", "learned_absolute", "none")
 
 
-@dataclass(frozen=True)
-class RingOptions:
-    """How the ring core attention runs; every rank of a context-parallel group must agree.
+def check_ring_size(options: RingOptions, context_parallel_size: int) -> None:
+    """The ring is the whole context-parallel group: refuse a different ``ring_size``.
 
-    layout: how a sequence is sharded over the ring (``zigzag``: Megatron's own split).
-    backend: block kernel (``ring_sp.kernels.names()`` or ``auto``).
-    max_lookback: sliding window in tokens (key t visible to query p iff 0 <= p - t < L), or None.
-    reduce_col: False attends to this rank's own K/V only (local attention).
-    bucket_size: tile length of the ``torch`` backend.
-    ring_size: None or the context-parallel size (sub-rings are refused, see ``check_ring_size``).
-    documents: every batch carries document boundaries (Megatron-LM's ``--reset-attention-mask``); a
-    batch without them is refused instead of attending across documents.
+    Sub-rings inside one context-parallel group would need different sequences per sub-ring,
+    which Megatron's data loader does not deliver (every context-parallel rank reads the same
+    sample); a context-parallel size equal to the ring size gives the same thing, with the rest
+    of the ranks as data parallelism.
     """
-
-    layout: str = "zigzag"
-    backend: str = "auto"
-    max_lookback: int | None = None
-    reduce_col: bool = True
-    bucket_size: int | None = None
-    ring_size: int | None = None
-    documents: bool = False
-
-    def check(self) -> None:
-        """Raise ValueError naming the flag if a field is malformed."""
-        if self.layout not in LAYOUTS:
-            raise ValueError(f"--ring-layout {self.layout!r} is unknown: use one of {', '.join(LAYOUTS)}")
-        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in kernels.names()):
-            raise ValueError(f"--ring-backend {self.backend!r} is unknown: use auto or one of "
-                             f"{', '.join(kernels.names())}")
-        for flag, value in (("--ring-max-lookback", self.max_lookback), ("--ring-bucket-size", self.bucket_size),
-                            ("--ring-size", self.ring_size)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{flag} {value!r}: pass a positive integer or leave it out")
-        if not isinstance(self.reduce_col, bool):
-            raise ValueError(f"reduce_col={self.reduce_col!r}: pass True or False (--no-ring-reduce-col)")
-
-    @property
-    def megatron_native(self) -> bool:
-        """Whether the layout is Megatron's own context-parallel split (its data split and RoPE need no help)."""
-        return get_layout(self.layout).megatron_native
-
-    def check_ring_size(self, context_parallel_size: int) -> None:
-        """The ring is the whole context-parallel group: refuse a different ``ring_size``.
-
-        Sub-rings inside one context-parallel group would need different sequences per sub-ring,
-        which Megatron's data loader does not deliver (every context-parallel rank reads the same
-        sample); a context-parallel size equal to the ring size gives the same thing, with the rest
-        of the ranks as data parallelism.
-        """
-        if self.ring_size is not None and self.ring_size != context_parallel_size:
-            raise ValueError(
-                f"--ring-size {self.ring_size} differs from --context-parallel-size {context_parallel_size}: "
-                f"the ring is Megatron's context-parallel group, so set --context-parallel-size "
-                f"{self.ring_size} (the remaining ranks become data parallel) and drop --ring-size"
-            )
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> RingOptions:
-        """Options from parsed ``--ring-*`` flags (missing flags take their defaults)."""
-        default = cls()
-        return cls(
-            layout=getattr(args, "ring_layout", default.layout),
-            backend=getattr(args, "ring_backend", default.backend),
-            max_lookback=getattr(args, "ring_max_lookback", default.max_lookback),
-            reduce_col=getattr(args, "ring_reduce_col", default.reduce_col),
-            bucket_size=getattr(args, "ring_bucket_size", default.bucket_size),
-            ring_size=getattr(args, "ring_size", default.ring_size),
-            documents=bool(getattr(args, "reset_attention_mask", False)),
+    if options.ring_size is not None and options.ring_size != context_parallel_size:
+        raise ValueError(
+            f"--ring-size {options.ring_size} differs from --context-parallel-size {context_parallel_size}: "
+            f"the ring is Megatron's context-parallel group, so set --context-parallel-size "
+            f"{options.ring_size} (the remaining ranks become data parallel) and drop --ring-size"
         )
 
 
@@ -99,29 +44,7 @@ def add_ring_attention_args(parser: argparse.ArgumentParser) -> argparse.Argumen
              "the context-parallel group: its size is --context-parallel-size (CP), each rank holds "
              "seq_length/CP tokens of every sequence and K/V blocks travel the ring. Needs "
              "--attention-dropout 0.")
-    group.add_argument(
-        "--ring-layout", choices=LAYOUTS, default="zigzag",
-        help="How each sequence is sharded over the ring: zigzag (default; Megatron's own context-parallel "
-             "split, 2*CP chunks, rank r holds chunks r and 2CP-1-r), striped (token t on rank t mod CP) or "
-             "contiguous (rank r holds [r*S/CP, (r+1)*S/CP)). The data split and RoPE positions follow it.")
-    group.add_argument(
-        "--ring-backend", default="auto",
-        help="Block kernel: auto or one of ring_sp.kernels.names() (e.g. torch, triton).")
-    group.add_argument(
-        "--ring-max-lookback", type=int, default=None, metavar="L",
-        help="Sliding window on every layer: token p attends to keys t with 0 <= p - t < L; ring passes beyond "
-             "the window are skipped. Megatron's --window-size L-1,0 is honoured too (per layer, with "
-             "--window-attn-skip-freq); given both, they must agree.")
-    group.add_argument(
-        "--no-ring-reduce-col", dest="ring_reduce_col", action="store_false",
-        help="Attend only to the keys this rank holds (local attention; changes the model).")
-    group.add_argument(
-        "--ring-bucket-size", type=int, default=None,
-        help="Tile length of the torch block backend (bounds the scores materialised at once).")
-    group.add_argument(
-        "--ring-size", type=int, default=None,
-        help="Optional; must equal --context-parallel-size (sub-rings inside a context-parallel group "
-             "are not supported: lower --context-parallel-size instead).")
+    add_flags(group)
     return parser
 
 
@@ -148,18 +71,18 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
     ``position_embedding_type``, ``window_size``, ``transformer_impl``, ...).
     """
     options = RingOptions.from_args(args)
-    options.check()
+    options.check(FLAGS)
     if not getattr(args, "ring_attention", False):
-        changed = [f.name for f in fields(RingOptions)
-                   if f.name != "documents" and getattr(options, f.name) != getattr(RingOptions(), f.name)]
+        changed = [option.flag for name, option in OPTIONS.items()
+                   if option.flag and option.ours and getattr(options, name) != getattr(DEFAULTS, name)]
         if changed:
-            raise ValueError(f"ring options {', '.join(changed)} were given without --ring-attention: add "
+            raise ValueError(f"ring flags {', '.join(changed)} were given without --ring-attention: add "
                              "--ring-attention or drop them")
         return
     if isinstance(context_parallel_size, bool) or not isinstance(context_parallel_size, int) \
             or context_parallel_size < 1:
         raise ValueError(f"--context-parallel-size {context_parallel_size!r}: pass a positive integer (the ring size)")
-    options.check_ring_size(context_parallel_size)
+    check_ring_size(options, context_parallel_size)
     seq_length = getattr(args, "seq_length", None)
     if seq_length is not None:
         try:

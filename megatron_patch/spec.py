@@ -3,18 +3,36 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 from megatron.core.models.gpt import GPTModel, gpt_layer_specs
+from megatron.core.transformer.attention import Attention
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from megatron_patch.core_attention import RingCoreAttention
+from megatron_patch.core_attention import RingCoreAttention, keep_out_of_recompute
 from megatron_patch.options import LAYOUT_AWARE_POSITIONS, RingOptions, transformer_engine_installed
 from megatron_patch.rope import LayoutRotaryEmbedding
+from ring_sp.options import FLAGS
 
 
 def ring_core_attention_spec(options: RingOptions | None) -> ModuleSpec:
     """The spec of ``RingCoreAttention`` (options None: the running Megatron-LM job's, when built)."""
     return ModuleSpec(module=RingCoreAttention, params={} if options is None else {"options": options})
+
+
+@functools.cache
+def recompute_free(attention_class: type) -> type:
+    """A subclass of ``attention_class`` (Megatron's SelfAttention, ...) that never recomputes its ring core
+    attention (``keep_out_of_recompute``); same name, same constructor."""
+    if getattr(attention_class, "ring_recompute_free", False):
+        return attention_class
+
+    def __init__(self, *args, **kwargs):
+        attention_class.__init__(self, *args, **kwargs)
+        keep_out_of_recompute(self)
+
+    return type(attention_class.__name__, (attention_class,), {"__init__": __init__, "__module__": __name__,
+                                                               "ring_recompute_free": True})
 
 
 def with_ring_core_attention(spec, options: RingOptions | None = None):
@@ -23,7 +41,7 @@ def with_ring_core_attention(spec, options: RingOptions | None = None):
     ``options`` None: resolved when the layer is built (``megatron_patch.apply()``'s flags, else defaults).
     """
     if options is not None:
-        options.check()
+        options.check(FLAGS)
     if hasattr(spec, "layer_specs"):  # TransformerBlockSubmodules (MoE / heterogeneous blocks)
         spec = copy.copy(spec)
         spec.layer_specs = [with_ring_core_attention(layer, options) for layer in spec.layer_specs]
@@ -36,6 +54,8 @@ def with_ring_core_attention(spec, options: RingOptions | None = None):
     if hasattr(submodules, "linear_kv_down_proj"):
         raise ValueError("multi-latent attention (MLA) is not supported by ring attention")
     submodules.core_attention = ring_core_attention_spec(options)
+    if isinstance(attention.module, type) and issubclass(attention.module, Attention):
+        attention.module = recompute_free(attention.module)
     return spec
 
 
@@ -67,7 +87,7 @@ def ring_gpt_model(config, *, vocab_size: int, max_sequence_length: int, options
     Feed it batches sharded by ``shard_batch(batch, options.layout, cp_group)``.
     """
     options = options if options is not None else RingOptions()
-    options.check()
+    options.check(FLAGS)
     if not options.megatron_native and position_embedding_type not in LAYOUT_AWARE_POSITIONS:
         raise ValueError(f"position_embedding_type={position_embedding_type!r} keeps Megatron's zigzag positions: "
                          f"use layout 'zigzag', or one of {', '.join(LAYOUT_AWARE_POSITIONS)}")

@@ -3,10 +3,12 @@
 from ring_sp.attention import ring_attention, ring_attention_simulated
 from ring_sp.documents import document_positions
 from ring_sp.layout import LAYOUTS, local_positions
+from ring_sp.options import RingOptions
 from ring_sp.sharding import merge, shard, split, unshard
 
 __all__ = [
     "LAYOUTS",
+    "RingOptions",
     "document_positions",
     "local_positions",
     "merge",

@@ -10,8 +10,7 @@ communication.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from functools import lru_cache
 from typing import NamedTuple
 
@@ -25,7 +24,8 @@ from ring_sp import schedule as schedules
 from ring_sp.comm import DistributedRing, Ring, SimulatedRing, empty_like_rows, gather_signatures, resolve_ring
 from ring_sp.documents import Documents, check_documents, fingerprint, ids_by_position
 from ring_sp.kernels import BlockDocuments, State, Visibility, state_dtype
-from ring_sp.layout import LAYOUTS, check_layout, check_local_seq
+from ring_sp.layout import check_local_seq
+from ring_sp.options import KWARGS, RingOptions, keywords
 from ring_sp.schedule import Block, Schedule
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -49,46 +49,13 @@ class Grads(NamedTuple):
     dv: Tensor
 
 
-@dataclass(frozen=True)
-class Options:
-    """Everything besides the tensors that every rank of a ring must agree on."""
+def _scale(opts: RingOptions, head_dim: int) -> float:
+    return float(opts.softmax_scale) if opts.softmax_scale is not None else head_dim ** -0.5
 
-    causal: bool = False
-    layout: str = "contiguous"
-    reduce_col: bool = True
-    lookback: int | None = None
-    bucket_size: int | None = None
-    softmax_scale: float | None = None
-    backend: str = "auto"
-    documents: Documents | None = None  # from check_documents
 
-    def check(self) -> None:
-        check_layout(self.layout)
-        if not isinstance(self.causal, bool):
-            raise ValueError(f"causal={self.causal!r}: pass True or False")
-        if not isinstance(self.reduce_col, bool):
-            raise ValueError(f"ring_reduce_col={self.reduce_col!r}: pass True or False")
-        if self.lookback is not None:
-            if isinstance(self.lookback, bool) or not isinstance(self.lookback, int) or self.lookback < 1:
-                raise ValueError(f"max_lookback_seq_len={self.lookback!r}: pass a positive int (tokens) or None")
-            if not self.causal:
-                raise ValueError("max_lookback_seq_len (a sliding window) needs causal=True: pass causal=True "
-                                 "or drop max_lookback_seq_len")
-        if self.bucket_size is not None and (not isinstance(self.bucket_size, int) or self.bucket_size < 1):
-            raise ValueError(f"bucket_size={self.bucket_size!r}: pass a positive int or None")
-        scale = self.softmax_scale
-        if scale is not None and (not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0):
-            raise ValueError(f"softmax_scale={scale!r}: pass a positive finite float or None for 1/sqrt(head_dim)")
-        if not isinstance(self.backend, str) or (self.backend != "auto" and self.backend not in kernels.names()):
-            raise ValueError(f"backend={self.backend!r} is unknown: use 'auto' or one of {', '.join(kernels.names())}")
-
-    def scale(self, head_dim: int) -> float:
-        return float(self.softmax_scale) if self.softmax_scale is not None else head_dim ** -0.5
-
-    def plan(self, world: int, local_seq: int) -> Schedule:
-        return schedules.plan(self.layout, world, local_seq, causal=self.causal, lookback=self.lookback,
-                              reduce_col=self.reduce_col, documents=self.documents,
-                              small_document=schedules.SMALL_DOCUMENT)
+def _plan(opts: RingOptions, documents: Documents | None, world: int, local_seq: int) -> Schedule:
+    return schedules.plan(opts.layout, world, local_seq, causal=opts.causal, lookback=opts.max_lookback,
+                          reduce_col=opts.reduce_col, documents=documents, small_document=schedules.SMALL_DOCUMENT)
 
 
 def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -123,20 +90,20 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None
             raise ValueError(f"mask is on {mask.device} but q is on {q.device}: move it to q's device")
 
 
-def _checked_options(opts: Options, cu_seqlens, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
-                     world: int) -> Options:
-    """``opts`` with its documents normalised, after checking the options and one position's tensors."""
-    opts.check()
+def _checked(opts: RingOptions, cu_seqlens, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None,
+             world: int) -> Documents | None:
+    """The documents of ``cu_seqlens``, normalised, after checking the options and one position's tensors."""
+    opts.check(KWARGS)
     _check_tensors(q, k, v, mask)
     check_local_seq(opts.layout, q.shape[1], world)
-    return replace(opts, documents=check_documents(cu_seqlens, q.shape[0], q.shape[1] * world))
+    return check_documents(cu_seqlens, q.shape[0], q.shape[1] * world)
 
 
-def _document_ids(opts: Options, world: int, q: Tensor) -> tuple[Tensor, ...] | None:
+def _document_ids(opts: RingOptions, documents: Documents | None, world: int, q: Tensor) -> tuple[Tensor, ...] | None:
     """Per ring position, the document ids of its tokens (None without documents)."""
-    if opts.documents is None:
+    if documents is None:
         return None
-    return ids_by_position(opts.documents, opts.layout, world, q.shape[1], q.shape[0], q.device)
+    return ids_by_position(documents, opts.layout, world, q.shape[1], q.shape[0], q.device)
 
 
 @lru_cache(maxsize=4096)
@@ -148,27 +115,33 @@ def _block_documents(schedule: Schedule, ids: tuple[Tensor, ...], step: int, pos
     return BlockDocuments(ids[position][:, block.q_start:block.q_stop], ids[source][:, block.k_start:block.k_stop])
 
 
-def _check_backend(opts: Options, schedule: Schedule, positions: list[int], q: Tensor, k: Tensor,
+_BACKEND_CHECKED: set[tuple] = set()  # what _check_backend accepted: every layer of a model asks the same
+
+
+def _check_backend(opts: RingOptions, schedule: Schedule, positions: list[int], q: Tensor, k: Tensor,
                    mask: Tensor | None, ids: tuple[Tensor, ...] | None) -> None:
     """Raise ValueError unless ``opts.backend`` can compute every block this process will meet."""
+    key = (opts.backend, opts.bucket_size, schedule, tuple(positions), q.device, q.dtype, q.shape[2:], k.shape[2],
+           mask is None, ids is None)
+    if key in _BACKEND_CHECKED:
+        return
     kinds = {(block.band, block.documents) for step in schedule.steps for p in positions for block in step[p]}
     for band, has_documents in kinds:
         documents = BlockDocuments(ids[positions[0]], ids[positions[0]]) if has_documents else None
         kernels.choose(opts.backend, q, k, Visibility(band, mask, documents), opts.bucket_size)
+    if len(_BACKEND_CHECKED) > 1024:
+        _BACKEND_CHECKED.clear()
+    _BACKEND_CHECKED.add(key)
 
 
+# what the ranks compare, in _signature's order: the tensors, the options (ring_size resolved), the documents
 _FIELDS = ("inputs rejected", "batch", "local_seq", "heads", "kv_heads", "head_dim", "dtype", "mask",
-           "causal", "layout", "max_lookback_seq_len", "ring_reduce_col", "ring_size", "backend",
-           "bucket_size", "softmax_scale", "cu_seqlens")
+           *keywords(), "cu_seqlens")
 
 
-def _signature(q: Tensor, k: Tensor, mask: Tensor | None, opts: Options, ring_size: int) -> tuple[int, ...]:
-    backends = ["auto", *kernels.names()]
-    scale = opts.softmax_scale
-    return (0, *q.shape, k.shape[2], _DTYPES.index(q.dtype), mask is not None, opts.causal,
-            LAYOUTS.index(opts.layout), opts.lookback or 0, opts.reduce_col, ring_size,
-            backends.index(opts.backend), opts.bucket_size or 0,
-            0 if scale is None else int(round(float(scale) * 2**40)), fingerprint(opts.documents))
+def _signature(q: Tensor, k: Tensor, mask: Tensor | None, opts: RingOptions,
+               documents: Documents | None) -> tuple[int, ...]:
+    return (0, *q.shape, k.shape[2], _DTYPES.index(q.dtype), mask is not None, *opts.codes(), fingerprint(documents))
 
 
 def _raise_on_disagreement(rows: list[tuple[int, ...]], who: str, ring_size: int) -> None:
@@ -197,7 +170,7 @@ def _slices(block: Block, first_column: int) -> tuple[slice, slice]:
 class _Call:
     """One ring call's fixed parts: the transport, the schedule, the options and the document ids."""
 
-    def __init__(self, ring: Ring, schedule: Schedule, opts: Options, ids: tuple[Tensor, ...] | None):
+    def __init__(self, ring: Ring, schedule: Schedule, opts: RingOptions, ids: tuple[Tensor, ...] | None):
         self.ring, self.schedule, self.opts, self.ids = ring, schedule, opts, ids
 
     def post_kv(self, kvs: list[KV], step: int):
@@ -228,7 +201,7 @@ class _Call:
 
 def _ring_forward(call: _Call, qs: list[Tensor], kvs: list[KV]) -> tuple[list[Tensor], list[Tensor]]:
     opts, schedule, ring = call.opts, call.schedule, call.ring
-    scale = opts.scale(qs[0].shape[-1])
+    scale = _scale(opts, qs[0].shape[-1])
     states = [State.empty(q) for q in qs]
     outs = [torch.empty(q.shape, dtype=q.dtype, device=q.device) for q in qs]
     roles = [schedule.roles(position) for position in ring.positions]
@@ -271,7 +244,7 @@ def _row_dot(do: Tensor, out: Tensor, dtype: torch.dtype, rows: int = 2048) -> T
 
 def _ring_backward(call: _Call, dos, qs, kvs: list[KV], outs, lses):
     opts, schedule, ring = call.opts, call.schedule, call.ring
-    scale = opts.scale(qs[0].shape[-1])
+    scale = _scale(opts, qs[0].shape[-1])
     acc = state_dtype(qs[0].dtype)
     deltas = [_row_dot(do, out, acc) for do, out in zip(dos, outs)]
     dqs = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in qs]
@@ -385,7 +358,9 @@ def ring_attention(
     ``cu_seqlens`` [0, e1, ..., W · local_seq]: document boundaries of the ring's whole sequence
     (global positions, before the layout's permutation), one list for the batch or one per
     element; a query then attends only to keys of its own document. ``bucket_size`` bounds the
-    score tiles of the torch backend. ``transport``: what moves K/V between ranks (default
+    score tiles of the torch backend. The option keywords (``causal`` ... ``backend``, not the
+    tensors, ``group``, ``cu_seqlens``, ``transport``, ``agree``) are the fields of
+    :class:`ring_sp.options.RingOptions`. ``transport``: what moves K/V between ranks (default
     ``DistributedRing(group, ring size)``; e.g. a subclass that records or skips transfers). Every
     rank of the group must pass the same shapes and options; if one does not, or rejects its input,
     all ranks raise ValueError together: one small all_gather per call checks it (a host sync on
@@ -393,14 +368,15 @@ def ring_attention(
     layer of a model after its first layer checked the same batch; then a rank that rejects its
     input raises alone.
     """
-    opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
+    opts = RingOptions.from_kwargs(locals())  # the option arguments of this call (ring_sp.options)
     distributed = dist.is_available() and dist.is_initialized()
     try:
         group, size = resolve_ring(group, ring_size)
-        opts = _checked_options(opts, cu_seqlens, q, k, v, mask, size)
-        schedule = opts.plan(size, q.shape[1])
+        opts = replace(opts, ring_size=size)
+        documents = _checked(opts, cu_seqlens, q, k, v, mask, size)
+        schedule = _plan(opts, documents, size, q.shape[1])
         position = dist.get_rank(group) % size if distributed else 0
-        ids = _document_ids(opts, size, q)
+        ids = _document_ids(opts, documents, size, q)
         _check_backend(opts, schedule, [position], q, k, mask, ids)
     except ValueError as error:
         if distributed and agree:  # fail the peers too, or they would wait for this rank forever
@@ -409,7 +385,7 @@ def ring_attention(
                 gather_signatures(group, (1,) + (0,) * (len(_FIELDS) - 1))
         raise error
     if agree and distributed and dist.get_world_size(group) > 1:
-        _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, size)), "rank", size)
+        _raise_on_disagreement(gather_signatures(group, _signature(q, k, mask, opts, documents)), "rank", size)
     ring = DistributedRing(group, size) if distributed and size > 1 else SimulatedRing(1)
     if transport is not None:
         if transport.size != ring.size or transport.positions != ring.positions:
@@ -442,20 +418,20 @@ def ring_attention_simulated(
     single-GPU benchmarks. ``transport``: default ``SimulatedRing(W)``; a test double or a recording
     transport that plays all W positions.
     """
+    opts = RingOptions.from_kwargs(locals())  # the option arguments of this call (ring_sp.options)
     world = len(qs)
     masks = list(masks) if masks is not None else [None] * world
     if world < 1 or not (len(ks) == len(vs) == len(masks) == world):
         raise ValueError(f"qs, ks, vs (and masks) must be lists of one tensor per ring position, got lengths "
                          f"{len(qs)}, {len(ks)}, {len(vs)}, {len(masks)}")
-    opts = Options(causal, layout, ring_reduce_col, max_lookback_seq_len, bucket_size, softmax_scale, backend)
+    opts = replace(opts, ring_size=world)
     rows = []
     for q, k, v, m in zip(qs, ks, vs, masks):
-        checked = _checked_options(opts, cu_seqlens, q, k, v, m, world)
-        rows.append(_signature(q, k, m, checked, world))
+        documents = _checked(opts, cu_seqlens, q, k, v, m, world)
+        rows.append(_signature(q, k, m, opts, documents))
     _raise_on_disagreement(rows, "position", world)
-    opts = checked
-    schedule = opts.plan(world, qs[0].shape[1])
-    ids = _document_ids(opts, world, qs[0])
+    schedule = _plan(opts, documents, world, qs[0].shape[1])
+    ids = _document_ids(opts, documents, world, qs[0])
     _check_backend(opts, schedule, list(range(world)), qs[0], ks[0], masks[0], ids)
     ring = transport if transport is not None else SimulatedRing(world)
     if ring.size != world or ring.positions != list(range(world)):

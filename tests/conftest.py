@@ -1,6 +1,11 @@
 import os
 
-import torch
+# One thread per process: make test runs two workers (pytest-xdist) beside multi-process jobs on two cores,
+# and with more threads than free cores every tiny op waits on OpenMP's barrier (seen: 5 ms instead of
+# 0.06 ms per einsum on a loaded machine; test_block_backends.py 208 s -> 11 s). Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
 
 # Without a GPU, Triton kernels run in Triton's CPU interpreter; it must be chosen before
 # triton is imported.
@@ -11,16 +16,7 @@ import pytest  # noqa: E402
 
 from tests.dist_pool import DistPool  # noqa: E402
 
-torch.set_num_threads(2)
-
-
-def pytest_collection_modifyitems(items):
-    """Under pytest-xdist (make test: 2 workers, --dist loadgroup) the slow tests, which start the job or
-    a script as several processes, run one after another on one worker: two of them at once would only
-    share the same cores. The other worker takes the in-process tests meanwhile."""
-    for item in items:
-        if item.get_closest_marker("slow"):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

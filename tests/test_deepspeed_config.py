@@ -86,7 +86,9 @@ def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):
 
 
 def test_recompute_flags_as_megatron_lm_takes_them(monkeypatch):
-    args, _ = _check(monkeypatch, 1, [])
+    args, _ = _check(monkeypatch, 1, [])  # auto: the job plans it once it knows its memory (launch/recompute.py)
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("auto", None, None)
+    args, _ = _check(monkeypatch, 1, ["--recompute-granularity", "none"])
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == (None, None, None)
     args, _ = _check(monkeypatch, 1, ["--recompute-granularity", "full"])  # the defaults: every layer
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("full", "uniform", 1)
@@ -136,7 +138,7 @@ BAD = [
      2, "reduce_scatter is true, but with ZeRO-3 and a ring"),
     ({}, ["--ring-attention", "--context-parallel-size", "2", "--attention-dropout", "0.1"], 2,
      "--attention-dropout 0.1"),
-    ({}, ["--recompute-method", "block"], 2, "--recompute-method needs --recompute-granularity full"),
+    ({}, ["--recompute-method", "block"], 2, "--recompute-method applies to --recompute-granularity full only"),
     ({}, ["--recompute-granularity", "selective", "--recompute-num-layers", "1"], 2,
      "--recompute-num-layers applies to --recompute-granularity full only"),
     ({}, ["--recompute-activations", "--recompute-granularity", "full"], 2,

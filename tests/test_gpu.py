@@ -113,3 +113,27 @@ def test_documents_on_gpu_match_reference(backend, dtype, world, monkeypatch):
             if not err <= bound:
                 failures.append(f"{layout} causal={causal} kv={kv_heads} d={head_dim} {name}: {err:.2e} > {bound:.2e}")
     assert not failures, "\n".join(failures[:20])
+
+
+def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):
+    """liger's RMSNorm, SwiGLU and fused linear cross-entropy (--fused-kernels liger) against Megatron's own
+    modules on the same weights and tokens: float32 tight, bfloat16 within its rounding."""
+    pytest.importorskip("liger_kernel")
+    pytest.importorskip("megatron.core")
+    from tests import fused_jobs
+
+    for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
+        (result,) = dist_pool(1).run(fused_jobs.liger_matches_plain, "RMSNorm", "cuda", dtype, timeout=600)
+        assert result["modules"] == ["LigerLossGPTModel", "LigerMegatronRMSNorm", "LigerSwiGLUMLP"], result
+        assert result["loss"] < bound * 10, (dtype, result["loss"])  # a loss of about 4.2
+        assert max(result["grads"].values()) < bound, (dtype, result["grads"])
+
+
+def test_a_training_step_makes_no_host_sync_on_gpu(dist_pool):
+    """A 3-layer ring GPT (ring of 1) on the GPU: its second forward and backward run under
+    torch.cuda.set_sync_debug_mode("error") and read no tensor value back to the host."""
+    pytest.importorskip("megatron.core")
+    from tests import sync_jobs
+
+    (reads,) = dist_pool(1).run(sync_jobs.host_reads_per_step, 1, 3, False, "cuda", True, timeout=600)
+    assert reads == []

@@ -22,7 +22,7 @@ def _torchrun(out: str, *args: str, nproc: int = 2) -> subprocess.CompletedProce
     return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=240)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def full_run(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("multi_gpu"))
     return out, _torchrun(out, "--tokens", "32", "--mem-max", "128", "--min-time", "0.01", "--warmup", "1")

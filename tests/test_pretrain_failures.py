@@ -23,7 +23,7 @@ from tests.pretrain_jobs import run_job
 from tests.pretrain_runs import GLOBAL_BATCH, MODEL, bare_ranks, read_metrics, write_config
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def config(tmp_path_factory) -> str:
     """ZeRO-1, one ring of 2 (DeepSpeed's ZeRO optimizer drops a step with non-finite gradients)."""
     return write_config(tmp_path_factory.mktemp("config") / "ring2.json", 2, 1, GLOBAL_BATCH)
@@ -99,7 +99,7 @@ def test_huge_learning_rate_ends_the_job_with_one_line(config, tmp_path):
     assert first_bad >= 2 and _tags(save) == [f"iter_{i:07d}" for i in range(1, first_bad)]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def saved(dist_pool, config, tmp_path_factory) -> str:
     """A checkpoint directory with iter_0000001 and iter_0000002 (ring 2, ZeRO-1, 2 ranks)."""
     save = str(tmp_path_factory.mktemp("saved") / "ckpt")

@@ -24,12 +24,19 @@ def _run(out, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_scaling_and_loss_overlay(tmp_path):
-    run = _run(tmp_path, "--setups", "ring2:ring=2", "--max-seq", "64", "--iters", "3")
+    run = _run(tmp_path, "--setups", "ring2:ring=2", "--max-seq", "64", "--iters", "3", "--recompute-granularity",
+               "selective", "--fused-kernels", "none")
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.load(open(tmp_path / "results.json"))
     (row,) = result["scaling"]
     assert (row["name"], row["ring"], row["seq"], row["status"]) == ("ring2", 2, 64, "ok")
     assert len(row["train"]) == 3 and row["tokens_per_s_per_gpu"] > 0 and row["peak_memory_mb"] > 0
+    # the flags reached the run, and its log's account of them is kept; no peak FLOP/s on CPU: no MFU
+    assert "--recompute-granularity selective --fused-kernels none" in row["command"] and row["mfu"] is None
+    assert row["recompute"].startswith("recompute: selective")
+    assert row["fused_kernels"].startswith("fused kernels: none")
+    assert result["mfu_formula"].startswith("MFU = tokens/s per GPU × (6·N + 6·L·h·s)")
+    assert result["mfu_formula"] in open(tmp_path / "results.md").read()
     loss = result["loss"]
     assert loss["setups"] == ["ring2", "dense"] and all(len(r["train"]) == 4 for r in loss["runs"])
     # same data, same global batch: ring attention over 2 ranks reproduces dense attention (seen 6e-8)
@@ -46,9 +53,10 @@ def test_a_failing_run_is_reported_and_fails_the_script(tmp_path):
 
 
 def test_model_flops_of_the_1b_model():
-    from benchmarks.pretrain_scaling import LLAMA_1B, flops_per_token
+    from benchmarks.pretrain_scaling import LLAMA_1B, flops_per_token, mfu_formula
 
-    args = LLAMA_1B.split() + ["--vocab-size", "32000"]
-    # per layer: QKV 2048·64·(32 + 2·4) + output 32·64·2048 + SwiGLU 3·2048·5632 = 44,040,192
+    args = LLAMA_1B.split()
+    # per layer: QKV 2048·64·(32 + 2·4) + output 32·64·2048 + SwiGLU 3·2048·5632 = 44,040,192; output layer h·V
     matmul = 22 * 44_040_192 + 2048 * 32000
     assert flops_per_token(args, 4096) == 6 * matmul + 6 * 22 * 4096 * 32 * 64
+    assert f"N = {matmul:,} matmul parameters" in mfu_formula(args, 989.0)  # 1,034,804,224

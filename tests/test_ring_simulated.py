@@ -2,7 +2,7 @@
 
 import pytest
 
-from tests.ring_cases import cases, check_simulated
+from tests.ring_cases import DTYPES, cases, check_simulated
 
 # The distributed test runs ``auto`` over W = 1–4 and checks the simulated ring against it; here:
 # larger rings with ``auto``, and the reference torch backend through the whole ring.
@@ -13,7 +13,9 @@ WORLDS = [("auto", 5), ("auto", 8), ("torch", 1), ("torch", 2), ("torch", 3), ("
 @pytest.mark.parametrize("layout", ["contiguous", "striped", "zigzag"])
 def test_simulated_ring_matches_reference(world, layout, backend):
     failures = []
-    for case in cases(world, ring_sizes=[None]):
+    # W = 5 and 8 add schedule shapes, not arithmetic: float32 only (every dtype runs at W = 1-4).
+    dtypes = ("float32",) if world > 4 else tuple(DTYPES)
+    for case in cases(world, ring_sizes=[None], dtypes=dtypes):
         if case.layout == layout:
             failures += check_simulated(case, world, backend=backend)
     assert not failures, "\n".join(failures[:20])

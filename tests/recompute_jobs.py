@@ -1,0 +1,78 @@
+"""Jobs for the gloo pool: a ring GPT under each activation-recompute setting, counting how often the
+ring's forward runs per training step, and its loss and gradients."""
+
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.attention import SelfAttention
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+import ring_sp.attention as attention
+from launch.job import cpu_recompute_rng
+from megatron_patch import LayoutRotaryEmbedding, RingOptions, get_gpt_layer_ring_spec, ring_gpt_model, shard_batch
+from tests.megatron_jobs import VOCAB, megatron_parallel
+
+LAYERS, SEQ = 3, 16
+# name -> (recompute_granularity, recompute_modules, recompute_method, recompute_num_layers, plain attention class)
+SETTINGS = {
+    "none": (None, None, None, None, False),
+    "selective_core_attn": ("selective", ["core_attn"], None, None, False),  # Megatron-LM's --recompute-activations
+    "selective_mlp": ("selective", ["mlp"], None, None, False),  # the job's selective
+    "full": ("full", None, "uniform", 1, False),
+    # control: Megatron's own SelfAttention around the ring core attention checkpoints it and runs the ring twice
+    "selective_core_attn_stock": ("selective", ["core_attn"], None, None, True),
+}
+
+
+def _config(cp: int, granularity, modules, method, layers_recomputed) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=LAYERS, hidden_size=32, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+        context_parallel_size=cp, use_cpu_initialization=True, masked_softmax_fusion=False,
+        bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
+        attention_dropout=0.0, hidden_dropout=0.0, params_dtype=torch.float32, normalization="RMSNorm",
+        gated_linear_unit=True, activation_func=torch.nn.functional.silu, add_bias_linear=False,
+        recompute_granularity=granularity, recompute_modules=modules, recompute_method=method,
+        recompute_num_layers=layers_recomputed)
+
+
+def ring_forwards_per_step(cp: int) -> dict:
+    """Per setting: {"forwards": ring forwards in one forward + backward, "loss": ..., "grads": {name: grad}}."""
+    cpu_recompute_rng()  # Megatron's checkpoint saves the CUDA RNG state too; on CPU only the CPU one draws
+    calls = []
+    original = attention._ring_forward
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    out = {}
+    with megatron_parallel(1, cp):
+        group = parallel_state.get_context_parallel_group()
+        g = torch.Generator().manual_seed(7)
+        tokens = torch.randint(0, VOCAB, (1, SEQ), generator=g)
+        batch = shard_batch({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+                             "position_ids": torch.arange(SEQ)[None]}, "zigzag", group)
+        attention._ring_forward = counting
+        try:
+            for name, (granularity, modules, method, n, stock) in SETTINGS.items():
+                options = RingOptions(layout="zigzag")
+                config = _config(cp, granularity, modules, method, n)
+                torch.manual_seed(0)
+                if stock:  # the ring spec, then its attention module set back to Megatron's own
+                    spec = get_gpt_layer_ring_spec(options, normalization="RMSNorm")
+                    spec.submodules.self_attention.module = SelfAttention
+                    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                                     position_embedding_type="rope")
+                    LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "zigzag")
+                else:
+                    model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, options=options)
+                calls.clear()
+                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+                loss.backward()
+                out[name] = {"forwards": len(calls), "loss": loss.item(),
+                             "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+        finally:
+            attention._ring_forward = original
+    return out

@@ -1,0 +1,117 @@
+"""Activation recompute as a policy (launch/recompute.py) and selective recompute that leaves the ring alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from launch import recompute
+from launch.args import build_parser, check_recompute
+from tests import recompute_jobs
+
+LLAMA_1B = ("--num-layers 22 --hidden-size 2048 --ffn-hidden-size 5632 --num-attention-heads 32 --num-query-groups 4 "
+            "--swiglu --normalization RMSNorm --disable-bias-linear --bf16").split()
+
+
+def _args(*flags: str, seq: int = 16384):
+    args = build_parser().parse_args([*LLAMA_1B, "--seq-length", str(seq), *flags])
+    args.max_position_embeddings = args.seq_length
+    check_recompute(args)
+    return args
+
+
+def _shape(args, fused=()) -> recompute.Shape:
+    return recompute.Shape.from_args(args, vocab=32000, zero_stage=2, zero_shards=1, fused=fused)
+
+
+def test_activation_bytes_per_token_of_the_1b_model():
+    s = _shape(_args())
+    h, gd, f = 2048, 4 * 64, 5632
+    lse = 4 * 32  # float32, one per head
+    # none: norm inputs and outputs 4h, q and out 2h, k and v 2gd, SwiGLU's fc1 output 2f, silu f, fc2 input f
+    assert recompute.layer_bytes(s, "none") == 2 * (4 * h + 2 * h + 2 * gd + 4 * f) + lse + 8
+    assert recompute.layer_bytes(s, "selective") == 2 * (4 * h + 2 * h + 2 * gd) + lse + 8  # the MLP keeps its input
+    assert recompute.layer_bytes(s, "full") == 2 * h
+    fused = _shape(_args(), fused=("swiglu",))
+    assert recompute.layer_bytes(fused, "none") == recompute.layer_bytes(s, "none") - 2 * f  # liger keeps no silu
+    # parameters: 22 layers (QKV, output, SwiGLU, two norms) + embedding and output layer of 32000 × 2048
+    assert s.parameters == 22 * (2048 * 2560 + 2048 * 2048 + 3 * 2048 * 5632 + 2 * 2048) + 2 * 32000 * 2048
+    assert s.tokens == 16384 and recompute.Shape.from_args(_args("--context-parallel-size", "4"), 32000, 2, 1).tokens \
+        == 4096
+
+
+def test_the_plan_with_least_recomputation_that_fits():
+    s = _shape(_args())
+    none, selective, *blocks = recompute.plans(s)
+    assert none.flops == 0 and none.activations > selective.activations > blocks[-1].activations
+    assert [b.num_layers for b in blocks] == list(range(1, 23))
+    assert recompute.choose(s, 1e15)[0] == none
+    # just below what none needs: recomputing the first layer whole is cheaper than every layer's MLP
+    plan, without = recompute.choose(s, none.activations - 1)
+    assert (plan.granularity, plan.num_layers, without) == ("full", 1, none)
+    assert blocks[0].flops < selective.flops
+    # room for selective but for no block as cheap: selective
+    cheap = [b for b in blocks if b.flops < selective.flops]
+    assert cheap and min(b.activations for b in cheap) > selective.activations
+    assert recompute.choose(s, selective.activations)[0] == selective
+    # below selective: the fewest layers recomputed whole that fit
+    plan = recompute.choose(s, selective.activations - 1)[0]
+    assert plan == min((b for b in blocks if b.activations < selective.activations), key=lambda b: b.num_layers)
+    # nothing fits: every layer, the least memory there is
+    assert recompute.choose(s, 0)[0] == blocks[-1]
+
+
+def test_auto_sets_megatrons_fields_and_says_why():
+    args = _args("--recompute-memory-budget", "40", seq=65536)
+    line = recompute.resolve(args, _shape(args), torch.device("cpu"))
+    assert (args.recompute_granularity, args.recompute_method) == ("full", "block") or \
+        args.recompute_granularity == "selective"
+    assert line.startswith(f"recompute: {args.recompute_granularity}") and "(--recompute-memory-budget)" in line
+    assert "without recompute" in line and "of model states and logits" in line
+    roomy = _args("--recompute-memory-budget", "1000")
+    assert recompute.resolve(roomy, _shape(roomy), torch.device("cpu")).startswith("recompute: none (")
+    assert roomy.recompute_granularity is None
+    cpu = _args()  # auto on CPU without a budget: nothing to plan for
+    assert "no memory limit" in recompute.resolve(cpu, _shape(cpu), torch.device("cpu"))
+    assert cpu.recompute_granularity is None
+    tight = _args("--recompute-memory-budget", "1")
+    assert recompute.resolve(tight, _shape(tight), torch.device("cpu")).endswith("it may not fit)")
+    assert (tight.recompute_granularity, tight.recompute_num_layers) == ("full", 22)
+    forced = _args("--recompute-granularity", "full")
+    assert recompute.resolve(forced, _shape(forced), torch.device("cpu")).startswith(
+        "recompute: full (uniform, 1 layer) (as the command line says; estimated activations")
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--recompute-granularity", "selective", "--recompute-memory-budget", "80"],
+     "--recompute-memory-budget plans --recompute-granularity auto"),
+    (["--recompute-memory-budget", "0"], "--recompute-memory-budget 0.0: use a positive number of GB"),
+    (["--recompute-num-layers", "2"], "--recompute-num-layers applies to --recompute-granularity full only"),
+])
+def test_bad_recompute_flags(flags, message):
+    with pytest.raises(ValueError, match=message):
+        _args(*flags)
+
+
+def test_forced_modes_reach_megatron_as_before():
+    assert _args("--recompute-granularity", "none").recompute_granularity is None
+    assert _args("--recompute-activations").recompute_granularity == "selective"
+    assert _args().recompute_granularity == "auto"
+
+
+def test_selective_recompute_runs_the_ring_once_per_layer(dist_pool):
+    """A ring of 2, 3 layers, one forward and backward per setting: the ring's forward runs once per layer under
+    selective recompute, whether of core attention (Megatron-LM's --recompute-activations) or of the MLP (the
+    job's), and the loss and every gradient equal the run without recompute. Full recompute, and Megatron's own
+    SelfAttention around the ring core attention under core_attn recompute, run it twice: the count counts."""
+    for rank in dist_pool(2).run(recompute_jobs.ring_forwards_per_step, 2, timeout=600):
+        layers = recompute_jobs.LAYERS
+        assert {name: r["forwards"] for name, r in rank.items()} == {
+            "none": layers, "selective_core_attn": layers, "selective_mlp": layers, "full": 2 * layers,
+            "selective_core_attn_stock": 2 * layers}
+        plain = rank["none"]
+        for name, r in rank.items():
+            # the same arithmetic on the same inputs (seen: bitwise equal)
+            assert r["loss"] == plain["loss"], name
+            for key, grad in plain["grads"].items():
+                assert torch.equal(r["grads"][key], grad), (name, key)
