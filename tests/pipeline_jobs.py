@@ -54,4 +54,5 @@ def train(argv: list[str]) -> dict:
         start = checkpoint.load(job.engine, args.load, args.load_tag) if args.load else 0
         train.run(job, start)
         coord = mpu.topology.get_coord(dist.get_rank())
-        return {"coord": tuple(coord), "weights": model_weights(job.engine.module)}
+        recomputed = sum(bool(getattr(type(m), "recomputed", False)) for m in job.engine.module.modules())
+        return {"coord": tuple(coord), "weights": model_weights(job.engine.module), "recomputed_mlps": recomputed}

@@ -96,6 +96,18 @@ def test_pipeline_variant_clips_every_step(runs):
     assert all(runs["p2_variant"]["metrics"][i]["grad_norm"] > 0.05 for i in (1, 2, 3))
 
 
+def test_pipeline_selective_recompute_trains_the_same(runs, dist_pool):
+    # selective recompute reaches the stages' layers (each MLP recomputes itself, launch.recompute) and changes
+    # no number: the p2 run again with --recompute-granularity selective
+    tmp = runs["tmp"]
+    ranks = dist_pool(4).run(pipeline_jobs.train, [
+        "--deepspeed_config", config(tmp, "p2", 2, 1), "--pipeline-model-parallel-size", "2", *ARGS, *TIED,
+        "--recompute-granularity", "selective", "--metrics-file", str(tmp / "p2_selective.jsonl")])
+    assert [r["recomputed_mlps"] for r in ranks] == [1, 1, 1, 1]  # one layer per stage
+    assert all(r["recomputed_mlps"] == 0 for r in runs["p2"]["ranks"])
+    _close(read_metrics(tmp / "p2_selective.jsonl"), runs["p2"]["metrics"], rtol=1e-7)
+
+
 def read_eval(path) -> dict:
     rows = [json.loads(line) for line in open(path)]
     return [r for r in rows if r["kind"] == "eval"][-1]
