@@ -115,10 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     args, config = parse_and_check([*job_argv, "--no-progress"])
     quiet.configure(args.verbose, rank)
-    from launch.job import Job, init_distributed
+    from launch.job import init_distributed, make_job
 
     device, mpu = init_distributed(args)
-    job = Job(args, config, device, mpu)
+    job = make_job(args, config, device, mpu)  # a PipelineJob with --pipeline-model-parallel-size > 1
     gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
     for i in range(opts.warmup):

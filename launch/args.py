@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hidden-dropout", type=float, default=0.0)
     g.add_argument("--attention-dropout", type=float, default=0.0)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--tie-embeddings-and-output-weights", action="store_true",
+                   help="the output layer is the word embedding (with pipeline parallelism a copy on the last stage, "
+                        "kept equal to the first stage's). Default: an output layer of its own (Megatron-LM ties by "
+                        "default and unties with --untie-embeddings-and-output-weights)")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="the tokenizer's vocabulary, needed with --data-path; with the recall task, the model's "
                         "vocabulary (default: the task's few tokens)")
@@ -80,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default): liger when it is installed and the job runs on GPUs, else none")
     g = p.add_argument_group("parallelism (Megatron's flags)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="pipeline stages (DeepSpeed's pipeline engine, 1F1B over gradient_accumulation_steps micro "
+                        "batches, at least this many; ZeRO stage 0 or 1); the DeepSpeed config's pipeline.stages")
     g.add_argument("--context-parallel-size", type=int, default=1, help="the ring size (ring_attention.size)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with GPUs, gloo on CPU")
@@ -156,9 +162,7 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
     source = args.deepspeed_config or "the DeepSpeed config"
     config = ds_config.resolve(config, args, ds_config.explicit_dests(parser, argv), world, source)
     validate_ring_args(args, args.context_parallel_size)
-    if args.pipeline_model_parallel_size != 1:
-        raise ValueError("--pipeline-model-parallel-size: this job has no pipeline schedule; use 1 (ring_sp.topology "
-                         "places a pipe axis for jobs that bring their own)")
+    check_pipeline(args, config)
     if args.max_position_embeddings is None:
         args.max_position_embeddings = args.seq_length
     for flag, value in (("--train-iters", args.train_iters), ("--eval-interval", args.eval_interval),
@@ -179,10 +183,32 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
 
 def run_meta(args: argparse.Namespace, world_size: int) -> dict:
     """What a checkpoint must have been saved with to be loaded by this run (ZeRO shards are cut for it)."""
-    tp, cp = args.tensor_model_parallel_size, args.context_parallel_size
-    return {"world_size": world_size, "ring": cp, "tensor": tp,
-            "data": world_size // (tp * args.pipeline_model_parallel_size * cp),
+    tp, pp, cp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.context_parallel_size
+    meta = {"world_size": world_size, "ring": cp, "tensor": tp, "data": world_size // (tp * pp * cp),
             "layout": args.ring_layout if args.ring_attention else "contiguous"}
+    return {**meta, "pipeline": pp} if pp > 1 else meta  # checkpoints of P = 1 runs keep their meta
+
+
+def check_pipeline(args: argparse.Namespace, config: dict) -> None:
+    """--pipeline-model-parallel-size P > 1: P splits the layers, DeepSpeed's pipeline engine can run it."""
+    pp = args.pipeline_model_parallel_size
+    if pp < 1:
+        raise ValueError(f"--pipeline-model-parallel-size {pp}: use a positive integer")
+    if pp == 1:
+        return
+    if args.num_layers % pp:
+        raise ValueError(f"--pipeline-model-parallel-size {pp} does not divide --num-layers {args.num_layers}: every "
+                         "stage holds the same number of layers; change one of them")
+    accum = config["gradient_accumulation_steps"]
+    if accum < pp:
+        raise ValueError(f"gradient_accumulation_steps {accum} (the micro batches of a step) is below "
+                         f"--pipeline-model-parallel-size {pp}: the pipeline would idle most of the step; raise "
+                         "--global-batch-size / train_batch_size or lower --micro-batch-size so that global batch "
+                         f"= micro batch × data-parallel size × at least {pp}")
+    stage = config.get("zero_optimization", {}).get("stage", 0)
+    if stage > 1:
+        raise ValueError(f"zero_optimization.stage {stage} with --pipeline-model-parallel-size {pp}: DeepSpeed's "
+                         "pipeline engine supports ZeRO stage 0 and 1 only; set the stage to 1")
 
 
 def check_documents(args: argparse.Namespace) -> None:

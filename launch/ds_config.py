@@ -11,6 +11,8 @@ nothing can hang. The rules:
 - ``"ring_attention"``: the JSON keys of ``ring_sp.options.RingOptions`` (``size`` =
   ``--context-parallel-size``, ``layout``, ``backend``, ``max_lookback``, ``reduce_col``,
   ``bucket_size``), each filling its flag; it needs ``--ring-attention``.
+- ``"pipeline"`` (DeepSpeed's section): ``stages`` (= ``--pipeline-model-parallel-size``),
+  ``pipe_partitioned``, ``grad_partitioned``.
 - A value given both in the file and explicitly on the command line must agree; what only one
   of them gives fills the other. The ring, tensor and pipeline sizes must divide the world, the
   sequence length must split as the layout needs, and train_batch_size = micro batch ×
@@ -37,8 +39,10 @@ KNOWN_KEYS = {
     "prescale_gradients", "gradient_predivide_factor", "communication_data_type", "disable_allgather",
     "seq_parallel_communication_data_type", "flops_profiler", "comms_logger",
     "tensorboard", "wandb", "csv_monitor", "checkpoint", "aio", "sparse_gradients", "dataloader_drop_last",
-    "ring_attention",
+    "ring_attention", "pipeline",
 }
+# DeepSpeed's "pipeline" keys the job reads; stages = --pipeline-model-parallel-size
+PIPELINE_KEYS = ("stages", "pipe_partitioned", "grad_partitioned")
 
 
 def load(path: str) -> dict:
@@ -86,6 +90,24 @@ def _check_ring_section(section, where: str) -> None:
             raise _unknown(key, RING_KEYS, where)
     for key, value in section.items():
         check_option(RING_KEYS[key], value, Json(where))
+
+
+def _merge_pipeline_section(config: dict, args, explicit: set[str], source: str) -> None:
+    """``"pipeline": {"stages": P, ...}`` (DeepSpeed's section) and --pipeline-model-parallel-size: one value."""
+    section = config.get("pipeline", {})
+    if not isinstance(section, dict):
+        raise ValueError(f"{source}: pipeline must be a JSON object with keys {', '.join(PIPELINE_KEYS)}")
+    for key in section:
+        if key not in PIPELINE_KEYS:
+            raise _unknown(key, PIPELINE_KEYS, f"{source}: pipeline")
+    if "stages" in section:
+        _merge(args, explicit, "pipeline_model_parallel_size", "--pipeline-model-parallel-size", section["stages"],
+               f"{source}: pipeline.stages")
+    pp = args.pipeline_model_parallel_size
+    if isinstance(pp, bool) or not isinstance(pp, int) or pp < 1:
+        raise ValueError(f"--pipeline-model-parallel-size / pipeline.stages = {pp!r}: use a positive integer")
+    if pp > 1:
+        config["pipeline"] = {**section, "stages": pp}
 
 
 def check_zero_section(config: dict, source: str) -> None:
@@ -141,6 +163,7 @@ def resolve(config: dict, args: argparse.Namespace, explicit: set[str], world_si
         for key, value in ring.items():
             dest, flag = OPTIONS[RING_KEYS[key]].json_target
             _merge(args, explicit, dest, flag, value, f"{where}.{key}")
+    _merge_pipeline_section(config, args, explicit, source)
     cp = args.context_parallel_size
     if cp > 1 and not getattr(args, "ring_attention", False):
         raise ValueError(f"--context-parallel-size {cp} needs --ring-attention (the ring is the context-parallel "

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from launch import data, recompute
 from launch.args import run_meta, uses_gpu
+from launch.model import build_model, fused_kernels, padded_vocab, transformer_config
 from ring_sp import topology
 from ring_sp.topology import ring_loss
 
@@ -59,74 +60,6 @@ def cpu_recompute_rng() -> None:
     megatron_random._set_cuda_rng_state = lambda *args, **kwargs: None
 
 
-def build_model(args, vocab_size: int, fused_loss: bool = True):
-    """Megatron-core GPTModel: ring core attention with --ring-attention, else dense attention on one rank;
-    with --fused-kernels liger, liger's RMSNorm and SwiGLU in the layers and (``fused_loss``) its fused
-    linear cross-entropy as the training loss."""
-    from megatron.core.models.gpt import GPTModel
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer import TransformerConfig
-
-    from megatron_patch import LayoutRotaryEmbedding, RingOptions, ring_gpt_model
-
-    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-    selective = args.recompute_granularity == "selective"
-    config = TransformerConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size, ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
-        normalization=args.normalization, gated_linear_unit=args.swiglu, add_bias_linear=args.add_bias_linear,
-        activation_func=torch.nn.functional.silu if args.swiglu else torch.nn.functional.gelu,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std, tensor_model_parallel_size=args.tensor_model_parallel_size,
-        context_parallel_size=args.context_parallel_size, bf16=args.bf16, fp16=args.fp16, params_dtype=dtype,
-        use_cpu_initialization=True, masked_softmax_fusion=False, bias_dropout_fusion=False,
-        apply_rope_fusion=False, gradient_accumulation_fusion=False, persist_layer_norm=False,
-        # selective: the MLPs recompute themselves (recompute.recomputed_mlp), not through Megatron's reentrant
-        # checkpoint, whose backward on CPU recursed until memory ran out (seen with megatron-core 0.16.1)
-        recompute_granularity=None if selective else args.recompute_granularity,
-        recompute_method=args.recompute_method, recompute_num_layers=args.recompute_num_layers)
-    common = dict(vocab_size=vocab_size, max_sequence_length=args.max_position_embeddings,
-                  position_embedding_type=args.position_embedding_type)
-    spec = get_gpt_layer_local_spec(normalization=args.normalization)
-    if args.fused_kernels == "liger":
-        from megatron_patch.liger import with_liger_kernels
-
-        spec, _ = with_liger_kernels(spec, config)
-    if selective:
-        spec.submodules.mlp.module = recompute.recomputed_mlp(spec.submodules.mlp.module)
-    if args.ring_attention:
-        model = ring_gpt_model(config, options=RingOptions.from_args(args), transformer_layer_spec=spec, **common)
-    else:
-        # Without the ring: PyTorch's fused attention over the whole sequence (flash / cuDNN on GPUs), not
-        # Megatron's local DotProductAttention, which needs CUDA and materialises the seq × seq scores.
-        from launch.dense_attention import DenseCoreAttention
-
-        spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
-        model = GPTModel(config, transformer_layer_spec=spec, **common)
-        if args.position_embedding_type == "rope":  # Megatron's own table moves itself to CUDA
-            LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "contiguous")
-    if args.fused_kernels == "liger" and fused_loss:
-        from megatron_patch.liger import LigerLossGPTModel, fused_loss_applies
-
-        if fused_loss_applies(model):
-            LigerLossGPTModel.convert(model)
-    return model
-
-
-def fused_kernels(args, model) -> list[str]:
-    """The liger kernels ``model`` runs (empty with --fused-kernels none)."""
-    if args.fused_kernels != "liger":
-        return []
-    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP
-
-    modules = list(model.modules())
-    names = [name for name, there in (
-        ("RMSNorm", any(type(m).__name__ == "LigerMegatronRMSNorm" for m in modules)),
-        ("SwiGLU", any(isinstance(m, LigerSwiGLUMLP) for m in modules)),
-        ("fused linear cross-entropy", isinstance(model, LigerLossGPTModel))) if there]
-    return names
-
-
 def build_optimizer(args, model):
     """AdamW (no decay on biases and norms) and a warmup + decay schedule stepped once per iteration."""
     def matrix(p) -> bool:  # ZeRO-3 leaves an empty p.data and keeps the shape in ds_shape
@@ -164,8 +97,6 @@ class Job:
     """The pieces a training step needs: engine, groups, data, and how to shard a batch."""
 
     def __init__(self, args, config, device, mpu):
-        import deepspeed
-
         self.args, self.config, self.device, self.mpu = args, config, device, mpu
         self.rank = dist.get_rank()
         self.ring_group = mpu.get_sequence_parallel_group()
@@ -181,33 +112,40 @@ class Job:
             self.data = data.RecallTask(args.seq_length, args.recall_keys, args.recall_values, seed=args.seed,
                                         documents=args.recall_documents)
             self.chance = self.data.chance
-        tp = args.tensor_model_parallel_size
         if args.vocab_size and args.vocab_size < self.data.vocab_size:
             raise ValueError(f"--vocab-size {args.vocab_size}: the recall task needs {self.data.vocab_size} tokens; "
                              "give at least that many, or leave it out")
-        vocab = max(self.data.vocab_size, args.vocab_size or 0)  # the recall task in a larger vocabulary: its FLOPs
-        vocab = -(-vocab // 128) * 128  # padded as Megatron-LM does, to a multiple of 128 ...
-        while vocab % tp:  # ... that the tensor-parallel ranks split evenly (the same size for tp 1, 2, 4, 8)
-            vocab += 128
+        # the recall task in a larger vocabulary: its FLOPs
+        vocab = padded_vocab(max(self.data.vocab_size, args.vocab_size or 0), args.tensor_model_parallel_size)
         stage = config.get("zero_optimization", {}).get("stage", 0)
-        # ZeRO-3 gathers a module's weights when its forward runs: the fused loss never runs the output layer's
-        fused_loss = stage != 3
-        shape = recompute.Shape.from_args(args, vocab, stage, dist.get_world_size(self.zero_group),
-                                          fused=("swiglu", "cross_entropy") if args.fused_kernels == "liger" else ())
-        self.recompute_line = recompute.resolve(args, shape, device)  # every rank alike
+        # ZeRO-3 gathers a module's weights when its forward runs: the fused loss never runs the output layer's.
+        # Pipeline stages compute their loss in their own head (launch.gpt_pipe): liger's layers, not its loss.
+        self.fused_loss = stage != 3
+        pipeline = args.pipeline_model_parallel_size > 1
+        fused = (("swiglu",) if pipeline else ("swiglu", "cross_entropy")) if args.fused_kernels == "liger" else ()
+        shape = recompute.Shape.from_args(args, vocab, stage, dist.get_world_size(self.zero_group), fused=fused)
+        self.recompute_line = recompute.resolve(args, shape, device)  # every rank alike, before the model
         if args.recompute_granularity and device.type == "cpu":
             cpu_recompute_rng()
+        self.model_config = transformer_config(args)
         torch.manual_seed(args.seed)
-        model = build_model(args, vocab, fused_loss)
-        self.fused = fused_kernels(args, model)
-        if stage == 3:
-            topology.partition_for_zero3(model, mpu, config)  # over data × ring, not data alone
-        optimizer, scheduler = build_optimizer(args, model)
-        self.engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=config, mpu=mpu)
-        # DeepSpeed wraps the optimizer (ZeRO, bf16, fp16) and checks the gradients, or hands it them unchecked
-        self.unchecked_gradients = self.engine.optimizer is optimizer
+        self.engine = self.build_engine(vocab)
+        self.fused = fused_kernels(args, self.engine.module)
         self.meta = run_meta(args, dist.get_world_size())
+
+    def build_engine(self, vocab_size: int):
+        """The GPTModel in a DeepSpeed engine (one pipeline stage)."""
+        import deepspeed
+
+        model = build_model(self.args, vocab_size, self.fused_loss)
+        if self.config.get("zero_optimization", {}).get("stage", 0) == 3:
+            topology.partition_for_zero3(model, self.mpu, self.config)  # over data × ring, not data alone
+        optimizer, scheduler = build_optimizer(self.args, model)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                          config=self.config, mpu=self.mpu)
+        # DeepSpeed wraps the optimizer (ZeRO, bf16, fp16) and checks the gradients, or hands it them unchecked
+        self.unchecked_gradients = engine.optimizer is optimizer
+        return engine
 
     def batch(self, micro_step: int, split: int = 0) -> dict[str, torch.Tensor]:
         """This rank's shard of its replica's micro batch number ``micro_step`` (global count); with
@@ -282,7 +220,12 @@ class Job:
             if "answer_source" in b:
                 cross = data.shard_sources(b["answer_source"].cpu(), self.layout, self.ring_rank, self.ring_size)
                 sums[2:] += data.recall_accuracy(logits.argmax(-1).cpu(), b["labels"].cpu(), cross)
-        s = self.sum_over_replicas(sums.tolist()).cpu()
+        return self.eval_result(iteration, self.sum_over_replicas(sums.tolist()).cpu())
+
+    @staticmethod
+    def eval_result(iteration: int, s: torch.Tensor) -> dict:
+        """The validation entry from the sums over every replica: scored loss, scored tokens, then
+        launch.data.recall_accuracy's counts (correct same-shard, same-shard, correct cross-shard, cross-shard)."""
         out = {"iteration": iteration, "loss": (s[0] / s[1]).item(), "acc_same": None, "acc_cross": None,
                "answers_same": int(s[3]), "answers_cross": int(s[5])}
         if s[3] > 0:
@@ -290,3 +233,12 @@ class Job:
         if s[5] > 0:
             out["acc_cross"] = (s[4] / s[5]).item()
         return out
+
+
+def make_job(args, config, device, mpu) -> Job:
+    """The job for the flags: a Job, or with --pipeline-model-parallel-size > 1 a PipelineJob."""
+    if args.pipeline_model_parallel_size > 1:
+        from launch.pipeline_job import PipelineJob
+
+        return PipelineJob(args, config, device, mpu)
+    return Job(args, config, device, mpu)

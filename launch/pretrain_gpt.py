@@ -8,8 +8,9 @@
 
 Every sequence of --seq-length tokens is sharded over a ring of --context-parallel-size ranks
 (the DeepSpeed config's ``ring_attention.size``); every layer's attention runs over the whole
-sequence by passing K/V blocks around the ring. Ranks are placed tensor × ring × data
-(ring_sp.topology); ZeRO reduces gradients over data × ring.
+sequence by passing K/V blocks around the ring. Ranks are placed tensor × ring × data × pipeline
+(ring_sp.topology); ZeRO reduces gradients over data × ring. With --pipeline-model-parallel-size P > 1
+DeepSpeed's pipeline engine runs P stages of the model (1F1B over the step's micro batches).
 
 Data: without --data-path, an embedded recall task (launch/data.py) whose answers need a fact
 from far back in the sequence, often held by another rank; validation reports accuracy on
@@ -17,7 +18,8 @@ answers whose fact is on another rank ("cross-shard") and on the same rank, agai
 With --data-path PREFIX, Megatron's indexed dataset (PREFIX.bin / PREFIX.idx).
 
 The pieces: launch/args.py (flags, checked with the JSON and the checkpoint to load before
-Megatron-core or DeepSpeed is imported), launch/job.py (groups, model, engine, one step),
+Megatron-core or DeepSpeed is imported), launch/model.py (the GPT), launch/job.py (groups, engine,
+one step), launch/gpt_pipe.py and launch/pipeline_job.py (the same with pipeline stages),
 launch/train.py (the loop), launch/checkpoint.py, launch/nonfinite.py (--nan-policy),
 launch/errors.py (one line per failure: exit code 2 for unusable input, 1 for a failed run).
 """

@@ -10,6 +10,8 @@ remaining warnings are written above it (:func:`warnings_above`), never into its
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import warnings
 
@@ -40,3 +42,9 @@ def warnings_above(bar) -> None:
         bar.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=bar.fp)
 
     warnings.showwarning = show
+
+
+def prints_hidden(verbose: bool):
+    """A context in which what third-party code print()s is dropped, unless ``verbose`` (DeepSpeed's pipeline
+    module prints its seed, topology and stage list on rank 0)."""
+    return contextlib.nullcontext() if verbose else contextlib.redirect_stdout(io.StringIO())

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from launch import checkpoint, quiet
-from launch.job import Job, init_distributed
+from launch.job import Job, init_distributed, make_job
 from launch.nonfinite import NonFiniteGuard
 
 
@@ -55,7 +55,7 @@ def describe_selective(model) -> str:
 def train(args: argparse.Namespace, config: dict) -> None:
     """Start up (process groups, model, engine), load, train, shut down; every rank."""
     device, mpu = init_distributed(args)
-    job = Job(args, config, device, mpu)
+    job = make_job(args, config, device, mpu)
     start = checkpoint.load(job.engine, args.load, args.load_tag) if args.load else 0
     run(job, start)
     dist.barrier()
@@ -68,12 +68,15 @@ def run(job: Job, start: int) -> None:
     rank0 = dist.get_rank() == 0
     stop = min(args.train_iters, args.exit_interval or args.train_iters)
     if rank0:
-        print(f"ranks {dist.get_world_size()} = tensor {args.tensor_model_parallel_size} × ring {job.ring_size} × "
+        pp = args.pipeline_model_parallel_size
+        print(f"ranks {dist.get_world_size()} = tensor {args.tensor_model_parallel_size} × "
+              + (f"pipeline {pp} × " if pp > 1 else "") + f"ring {job.ring_size} × "
               f"data {job.replicas} | layout {job.layout} | ZeRO stage {job.engine.zero_optimization_stage()} | "
               f"{sum(getattr(p, 'ds_numel', p.numel()) for p in job.engine.module.parameters()) / 1e6:.2f}M "
-              f"parameters per tensor-parallel rank | "
+              f"parameters per tensor-parallel rank" + (" of the first stage" if pp > 1 else "") + " | "
               f"global batch {config['train_batch_size']} × {args.seq_length} tokens"
-              + describe_recompute(job.engine.module.config) + describe_selective(job.engine.module)
+              + (f" in {job.accum} micro batches" if pp > 1 else "")
+              + describe_recompute(job.model_config) + describe_selective(job.engine.module)
               + (f" | resumed after iteration {start}" if start else "")
               + (f" | saving to {args.save}" if args.save else ""), flush=True)
         print(job.recompute_line, flush=True)

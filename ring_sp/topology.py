@@ -1,6 +1,6 @@
 """Ring groups inside the tensor / pipeline / data topology, shared by DeepSpeed and Megatron-core.
 
-Ranks are laid out on a grid with axes ``pipe × data × ring × model`` (DeepSpeed's
+Ranks are laid out on a grid with axes ``pipe × data × ring × model`` (the order of DeepSpeed's
 ``ProcessTopology``, last axis fastest):
 
     rank = model + ring·TP + data·TP·RING + pipe·TP·RING·DP
@@ -8,41 +8,47 @@ Ranks are laid out on a grid with axes ``pipe × data × ring × model`` (DeepSp
 which is Megatron-core's default order ``tp-cp-ep-dp-pp`` (first axis fastest) with the ring as
 its context-parallel axis. So the groups ``parallel_state.initialize_model_parallel`` builds are
 exactly this grid's: one set of process groups serves Megatron (tensor parallelism, the
-context-parallel group the ring attention runs over) and DeepSpeed (ZeRO over data × ring).
+context-parallel group the ring attention runs over, pipeline stages) and DeepSpeed (ZeRO over
+data × ring, its pipeline engine's stages).
 
 Placement. Tensor-parallel ranks are consecutive and the ring comes next, so a ring is
 ``RING`` ranks at stride ``TP`` inside a block of ``TP·RING`` consecutive ranks. Launchers number
 ranks node by node (``deepspeed --hostfile``, ``torchrun --nnodes``), hence a ring stays inside
 one node whenever ``TP·RING`` divides the GPUs per node; the traffic that crosses nodes is then
-ZeRO's gradient reduction over data (and pipeline sends). Example, 2 nodes × 8 GPUs, TP 2,
-ring 4, data 2: rings are {0,2,4,6}, {1,3,5,7} on node 0 and {8,10,12,14}, {9,11,13,15} on
-node 1; data groups {0,8}, {1,9}, …
+ZeRO's gradient reduction over data and the pipeline's sends between stages. Example, 2 nodes ×
+8 GPUs, TP 2, ring 4, data 2: rings are {0,2,4,6}, {1,3,5,7} on node 0 and {8,10,12,14},
+{9,11,13,15} on node 1; data groups {0,8}, {1,9}, …
 
 :class:`RingMPU` is the ``mpu`` object ``deepspeed.initialize(..., mpu=...)`` takes: data,
 model (tensor × pipeline), tensor, pipeline, sequence (the ring) and sequence × data getters.
 With it DeepSpeed reduces gradients over data × ring and divides by the data size only, so each
 rank's loss must be its share of its ring's loss: (sum over its tokens) / (tokens of the whole
 ring sequence). :func:`ring_loss` does that.
+
+DeepSpeed is imported only by the functions that use it (it is an optional extra):
+``RingTopology`` and ``ring_loss`` are plain index maths and PyTorch.
 """
 
 from __future__ import annotations
 
+from collections import namedtuple
 from datetime import timedelta
 from itertools import product
 
 import torch
 import torch.distributed as dist
-from deepspeed.runtime.pipe.topology import ProcessTopology
 
 AXES = ("pipe", "data", "ring", "model")
 # Megatron-core's RankGenerator token for each of our axes.
 MEGATRON_TOKEN = {"pipe": "pp", "data": "dp", "ring": "cp", "model": "tp"}
+Coord = namedtuple("Coord", AXES)
 
 
-class RingTopology(ProcessTopology):
-    """DeepSpeed's ``ProcessTopology`` with axes pipe × data × ring × model (model fastest).
+class RingTopology:
+    """The grid pipe × data × ring × model (model fastest), laid out as DeepSpeed's ``ProcessTopology``.
 
-    ``data`` is whatever is left: world_size // (tensor · pipeline · ring).
+    ``data`` is whatever is left: world_size // (tensor · pipeline · ring). :meth:`process_topology`
+    gives DeepSpeed's own object (what its ``PipelineModule`` takes).
     """
 
     def __init__(self, world_size: int, *, tensor: int = 1, pipeline: int = 1, ring: int = 1):
@@ -57,7 +63,27 @@ class RingTopology(ProcessTopology):
             )
         self.tensor, self.pipeline, self.ring, self.data = tensor, pipeline, ring, world_size // model
         self.world_size = world_size
-        super().__init__(axes=list(AXES), dims=[pipeline, self.data, ring, tensor])
+        self.dims = (pipeline, self.data, ring, tensor)
+
+    def get_dim(self, axis: str) -> int:
+        return self.dims[self._axis(axis)]
+
+    def get_coord(self, rank: int) -> Coord:
+        """The coordinates of ``rank`` (``.pipe``, ``.data``, ``.ring``, ``.model``)."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is not in the world of {self.world_size} ranks")
+        coord = []
+        for size in reversed(self.dims):
+            rank, c = divmod(rank, size)
+            coord.append(c)
+        return Coord(*reversed(coord))
+
+    def get_rank(self, **coord: int) -> int:
+        """The rank at the given coordinates (all four axes)."""
+        rank = 0
+        for axis, size in zip(AXES, self.dims):
+            rank = rank * size + coord[axis]
+        return rank
 
     def groups(self, *axes: str) -> list[list[int]]:
         """Rank lists that vary along ``axes`` together (all other coordinates fixed), sorted.
@@ -65,13 +91,12 @@ class RingTopology(ProcessTopology):
         ``groups("ring")`` are the rings; ``groups("data", "ring")`` the ZeRO groups.
         """
         for a in axes:
-            if a not in AXES:
-                raise ValueError(f"axis {a!r} is unknown: use {', '.join(AXES)}")
-        others = [a for a in AXES if a not in axes]
+            self._axis(a)
         out = []
-        for fixed in product(*(range(self.get_dim(a)) for a in others)):
-            match = dict(zip(others, fixed))
-            out.append(sorted(self.filter_match(**match)))
+        for fixed in product(*(range(self.get_dim(a)) for a in AXES if a not in axes)):
+            match = dict(zip([a for a in AXES if a not in axes], fixed))
+            varying = product(*(range(self.get_dim(a)) for a in axes))
+            out.append(sorted(self.get_rank(**match, **dict(zip(axes, v))) for v in varying))
         return sorted(out)
 
     def group_of(self, rank: int, *axes: str) -> list[int]:
@@ -81,6 +106,17 @@ class RingTopology(ProcessTopology):
     def ring_nodes(self, gpus_per_node: int) -> list[list[int]]:
         """For each ring, the node indices its ranks live on (ranks numbered node by node)."""
         return [sorted({r // gpus_per_node for r in ring}) for ring in self.groups("ring")]
+
+    def process_topology(self):
+        """DeepSpeed's ``ProcessTopology`` with the same axes and sizes (imports DeepSpeed)."""
+        from deepspeed.runtime.pipe.topology import ProcessTopology
+
+        return ProcessTopology(axes=list(AXES), dims=list(self.dims))
+
+    def _axis(self, axis: str) -> int:
+        if axis not in AXES:
+            raise ValueError(f"axis {axis!r} is unknown: use {', '.join(AXES)}")
+        return AXES.index(axis)
 
     def __str__(self) -> str:
         return (f"RingTopology(world_size={self.world_size}, pipe={self.pipeline}, data={self.data}, "
@@ -156,9 +192,11 @@ class RingMPU:
     def get_tensor_model_parallel_src_rank(self) -> int:
         return self._ps.get_tensor_model_parallel_src_rank()
 
-    # pipeline
+    # pipeline (DeepSpeed's pipeline engine asks for the "pipe" spelling)
     def get_pipeline_model_parallel_group(self):
         return self._ps.get_pipeline_model_parallel_group()
+
+    get_pipe_parallel_group = get_pipeline_model_parallel_group
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         return self._ps.get_pipeline_model_parallel_world_size()

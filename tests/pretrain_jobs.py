@@ -28,22 +28,23 @@ class PlantedInf:
 
 
 def run_job(argv: list[str], planted: list[int]) -> dict:
-    """Check ``argv`` as the job does, build its Job, load ``--load``, and train (launch.train.run).
+    """Check ``argv`` as the job does, build its job (any pipeline size), load ``--load``, and train (launch.train.run).
 
     Returns {"error": None}, or the error the run ended with as launch.errors reports it: message, exit
     code, whether every rank agreed on it (a JobError; a ValueError is bad input, exit code 2)."""
     from launch import checkpoint, train
     from launch.args import parse_and_check
     from launch.errors import JobError
-    from launch.job import Job
+    from launch.job import make_job
     from ring_sp import topology
 
     rank = str(dist.get_rank())  # what a launcher would have set
     os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
     topology.init_distributed("gloo")
     args, config = parse_and_check(argv)
-    with megatron_groups(tensor=args.tensor_model_parallel_size, ring=args.context_parallel_size) as mpu:
-        job = Job(args, config, torch.device("cpu"), mpu)
+    with megatron_groups(tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+                         ring=args.context_parallel_size) as mpu:
+        job = make_job(args, config, torch.device("cpu"), mpu)
         job.data = PlantedInf(job.data, planted)
         try:
             start = checkpoint.load(job.engine, args.load, args.load_tag) if args.load else 0

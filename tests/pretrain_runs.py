@@ -45,13 +45,14 @@ def read_metrics(path) -> dict[int, dict]:
 
 def deepspeed_run(tmp_path, name: str, nproc: int, ring: int | None, stage: int, extra: list[str],
                   timeout: float = 300, launcher: str = "deepspeed", tensor: int = 1,
-                  output: list[str] | None = None) -> dict[int, dict]:
+                  output: list[str] | None = None, pipeline: int = 1) -> dict[int, dict]:
     """Run the job under `deepspeed --num_gpus nproc` (or torchrun); returns its per-iteration metrics.
 
     ``output``: a list to append the launcher's standard output and error to."""
-    replicas = nproc // ((ring or 1) * tensor)
-    extra = [*extra, "--tensor-model-parallel-size", str(tensor)]
-    config = write_config(tmp_path / f"{name}.json", ring, stage, GLOBAL_BATCH // replicas)
+    replicas = nproc // ((ring or 1) * tensor * pipeline)
+    extra = [*extra, "--tensor-model-parallel-size", str(tensor), "--pipeline-model-parallel-size", str(pipeline)]
+    # a pipeline of P stages needs at least P micro batches per step: P of them
+    config = write_config(tmp_path / f"{name}.json", ring, stage, GLOBAL_BATCH // (replicas * pipeline))
     path = tmp_path / f"{name}.jsonl"
     launch = {"deepspeed": [DEEPSPEED, "--num_gpus", str(nproc), "--master_port", str(free_port())],
               "torchrun": [TORCHRUN, "--nproc-per-node", str(nproc), "--master-port", str(free_port())]}[launcher]

@@ -74,6 +74,15 @@ def test_tensor_parallel_ring_matches_dense_attention(runs):
     _close(ring, runs["dense"], [1, 2, 3, 4], rtol=1e-5)
 
 
+def test_pipeline_tensor_ring_matches_dense_attention(runs):
+    # 8 ranks = pipeline 2 × ring 2 × tensor 2 (1 layer per stage), ZeRO-1, under the DeepSpeed launcher: the
+    # pipeline engine's stages, their rings and tensor-parallel pairs reproduce the dense data-parallel run.
+    # GLOBAL_BATCH in 2 micro batches of 2 (data 1), as the pipeline of 2 stages needs at least 2.
+    ring = deepspeed_run(runs["tmp"], "p2_ring2_tp2", 8, 2, 1, ["--exit-interval", "4"], tensor=2, pipeline=2,
+                         timeout=600)
+    _close(ring, runs["dense"], [1, 2, 3, 4], rtol=1e-5)
+
+
 def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
     tmp = runs["tmp"]
     save = str(tmp / "ckpt")

@@ -36,6 +36,9 @@ BAD = [
      "3 ranks cannot be split into tensor 1 × pipeline 1 × ring 2"),
     ("zigzag, indivisible length", 2, {"ring_attention": {"size": 2, "layout": "zigzag"}}, ["--seq-length", "66"],
      "--seq-length 66: sequence length 66 cannot be sharded with layout='zigzag' over 2 ranks"),
+    ("pipeline does not divide the layers", 2, {"ring_attention": {"size": 1}},
+     ["--pipeline-model-parallel-size", "2", "--num-layers", "3"],
+     "--pipeline-model-parallel-size 2 does not divide --num-layers 3"),
 ]
 
 

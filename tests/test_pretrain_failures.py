@@ -42,14 +42,16 @@ def _weights(directory, tag: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in module.items() if isinstance(v, torch.Tensor)}  # not Megatron's None extra states
 
 
-@pytest.mark.parametrize("stage", [0, 1])
-def test_planted_inf_stops_every_rank_before_its_checkpoint(dist_pool, tmp_path, stage):
-    # An inf in one rank's loss mask at iteration 3 (micro step 2); a checkpoint after every iteration.
-    # The loss is the masked sum over the mask's sum: inf / inf = nan. The gradients: DeepSpeed's ZeRO
-    # optimizer checks them (stage 1); under stage 0 it does not, and the job does.
-    config = write_config(tmp_path / "ring2.json", 2, stage, GLOBAL_BATCH)
+@pytest.mark.parametrize("stage,pipeline", [(0, 1), (1, 1), (0, 2), (1, 2)])
+def test_planted_inf_stops_every_rank_before_its_checkpoint(dist_pool, tmp_path, stage, pipeline):
+    # An inf in one rank's loss mask at iteration 3 (one micro batch of 4 per step, or with a
+    # pipeline of 2 stages, 4 ranks, two of 2); a checkpoint after every iteration. The loss is the masked
+    # sum over the mask's sum: inf / inf = nan. The gradients: DeepSpeed's ZeRO optimizer checks them
+    # (stage 1); under stage 0 it does not, and the job does (ring_sp.pipeline's engine with a pipeline).
+    config = write_config(tmp_path / "ring2.json", 2, stage, GLOBAL_BATCH // pipeline)
     save = str(tmp_path / "ckpt")
-    results = dist_pool(2).run(run_job, _argv(config, "--save", save, "--save-interval", "1"), [2])
+    argv = _argv(config, "--save", save, "--save-interval", "1", "--pipeline-model-parallel-size", str(pipeline))
+    results = dist_pool(2 * pipeline).run(run_job, argv, [2 * pipeline])  # iteration 3's first micro step
     for r in results:  # every rank stops, with the same message, which rank 0 alone prints
         assert r["exit_code"] == 1 and r["agreed"], r
         assert r["error"].startswith("iteration 3: the loss is nan and the gradient norm is not finite"), r["error"]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from ring_sp.topology import RingTopology, megatron_groups
 from tests import deepspeed_jobs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (our axes, as Megatron-core builds them): tp, cp, dp, pp, dp-cp (ZeRO's group), tp-pp (model), tp-cp
 AXES = [("model",), ("ring",), ("data",), ("pipe",), ("data", "ring"), ("pipe", "model"), ("ring", "model")]
@@ -39,6 +45,23 @@ def test_rings_stay_inside_a_node():
     topo = RingTopology(16, tensor=2, ring=4)
     assert topo.groups("ring") == [[0, 2, 4, 6], [1, 3, 5, 7], [8, 10, 12, 14], [9, 11, 13, 15]]
     assert topo.groups("data")[:2] == [[0, 8], [1, 9]]
+
+
+def test_topology_is_deepspeeds_process_topology():
+    # DeepSpeed's PipelineModule gets process_topology(): the same coordinates for every rank.
+    for tp, pp, ring, _ in factorisations(16):
+        ours = RingTopology(16, tensor=tp, pipeline=pp, ring=ring)
+        theirs = ours.process_topology()
+        assert [tuple(ours.get_coord(r)) for r in range(16)] == [tuple(theirs.get_coord(r)) for r in range(16)]
+        assert ours.groups("pipe") == sorted(theirs.get_axis_comm_lists("pipe"))
+
+
+def test_topology_imports_deepspeed_only_when_used():
+    code = ("import sys; from ring_sp import topology; topology.RingTopology(8, ring=2).groups('ring'); "
+            "assert 'deepspeed' not in sys.modules, 'imported'")
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_topology_rejects_sizes_that_do_not_divide():
