@@ -39,9 +39,13 @@ attention-demo: $(VENV)/.installed
 # (session fixtures) are made once. (--dist loadgroup ignores its groups under pytest 9: seen with xdist 3.8.)
 TEST_WORKERS ?= 2
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not big" tests
+
+# The tests too large for 2 cores beside the rest (8 ranks of pipeline 2 × ring 2 × tensor 2).
+test-big: $(VENV)/.installed
+	$(PY) -m pytest -q -m big tests
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check ring_sp megatron_patch launch tests benchmarks
 
-.PHONY: venv demo attention-demo test lint
+.PHONY: venv demo attention-demo test test-big lint

@@ -74,6 +74,7 @@ def test_tensor_parallel_ring_matches_dense_attention(runs):
     _close(ring, runs["dense"], [1, 2, 3, 4], rtol=1e-5)
 
 
+@pytest.mark.big
 def test_pipeline_tensor_ring_matches_dense_attention(runs):
     # 8 ranks = pipeline 2 × ring 2 × tensor 2 (1 layer per stage), ZeRO-1, under the DeepSpeed launcher: the
     # pipeline engine's stages, their rings and tensor-parallel pairs reproduce the dense data-parallel run.
