@@ -94,10 +94,22 @@ def _text(output) -> str:
     return output.decode(errors="replace") if isinstance(output, bytes) else (output or "")
 
 
+DOCUMENT_FLAGS = ["--reset-attention-mask", "--reset-position-ids", "--eod-mask-loss"]
+
+
+def run_flags(flags: list[str], ring: bool) -> list[str]:
+    """One run's flags: with ``--ring-attention`` for the ring run. With documents (``DOCUMENT_FLAGS``), the
+    local run keeps Megatron's dense document mask from the data loader (its attention has no other way to
+    see the documents); the ring run takes the boundaries from the EOD tokens and needs no mask."""
+    if not ring and DOCUMENT_FLAGS[0] in flags:
+        return [f for f in flags if f != "--no-create-attention-mask-in-dataloader"]
+    return [*flags, "--ring-attention"] if ring else flags
+
+
 def train(tree: Path, flags: list[str], ring: bool, timeout: float, port: int) -> dict:
     """One ``torchrun -m megatron_patch pretrain_gpt.py`` run in ``tree``; its parsed log and the log."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "--master-port", str(port),
-               "-m", "megatron_patch", "pretrain_gpt.py", *flags, *(["--ring-attention"] if ring else [])]
+               "-m", "megatron_patch", "pretrain_gpt.py", *run_flags(flags, ring)]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                CUDA_DEVICE_MAX_CONNECTIONS="1", PYTHONUNBUFFERED="1")
     start = time.time()
@@ -182,6 +194,8 @@ def main() -> int:
     parser.add_argument("--previous", type=Path, help="a results.json of an earlier call: its runs of versions "
                         "not run now are kept in the table")
     parser.add_argument("--cpu", action="store_true", help="dry run without a GPU (see the module docstring)")
+    parser.add_argument("--documents", action="store_true", help="packed documents: " + " ".join(DOCUMENT_FLAGS)
+                        + " (mock data ends each document with EOD); the local run uses Megatron's dense mask")
     args = parser.parse_args()
 
     names = sorted((version_name(t) for t in args.tgz_dir.glob("*.tar.gz")), key=sort_key)
@@ -190,8 +204,9 @@ def main() -> int:
         sys.exit(f"no Megatron-LM trees (*.tar.gz) in {args.tgz_dir} matching {args.versions}")
     trees = [(n, unpack(args.tgz_dir / f"{n}.tar.gz", args.work)) for n in names]
     flags = megatron_flags(args.seq_length, args.num_layers, args.hidden_size, args.heads, args.iters, args.vocab_size)
+    flags += DOCUMENT_FLAGS if args.documents else []
     if args.cpu:
-        return dry_run(trees, megatron_flags(64, 2, 64, 4, 1, 128))
+        return dry_run(trees, megatron_flags(64, 2, 64, 4, 1, 128) + (DOCUMENT_FLAGS if args.documents else []))
     meta = {"date": datetime.date.today().isoformat(), "environment": environment(), "flags": flags,
             "launcher": "python -m torch.distributed.run --nproc-per-node 1 -m megatron_patch pretrain_gpt.py",
             "versions": {n: core_version(t) for n, t in trees}}

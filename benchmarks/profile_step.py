@@ -75,6 +75,40 @@ def summarize(prof, wall_ms: float, gpu: bool, top: int) -> dict:
     return {"wall_ms": wall_ms, "gpu_busy_ms": None, "gpu_busy_share": None, "top": rows}
 
 
+def sync_stacks(step) -> str:
+    """Run ``step()`` under ``torch.cuda.set_sync_debug_mode("warn")``: every synchronising CUDA call with
+    the Python frames that made it (innermost last), counted, as markdown."""
+    import collections
+    import traceback
+    import warnings
+
+    import torch
+
+    seen: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
+        seen["\n".join(f"    {f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-12:])
+             + f"\n    -> {str(message)[:100]}"] += 1
+
+    torch.cuda.synchronize()
+    shown = warnings.showwarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+            torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            warnings.showwarning = shown
+    lines = [f"# Host synchronisations in one training step: {sum(seen.values())}", ""]
+    for stack, count in seen.most_common():
+        lines += [f"## {count} x", "", stack, ""]
+    return "\n".join(lines)
+
+
 def report(summary: dict, env: dict, job_argv: list[str], recompute_line: str, fused: list[str]) -> str:
     gpu = summary["gpu_busy_ms"] is not None
     lines = ["# One training step under the profiler", "", env_line(env), "", f"Command: `{command_line()}`", "",
@@ -102,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=2, help="training steps before the profiled one")
     p.add_argument("--top", type=int, default=25, help="rows of the kernel table")
     p.add_argument("--trace", action="store_true", help="also write the Chrome/Perfetto trace (large at long seqs)")
+    p.add_argument("--sync-stacks", action="store_true", help="then one more step under CUDA's sync debug mode: "
+                   "where each host synchronisation comes from (syncs.md)")
     opts = p.parse_args(argv[:cut])
     job_argv = argv[cut + 1:]
 
@@ -140,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         if opts.trace:
             prof.export_chrome_trace(os.path.join(opts.out, "trace.json"))
         print(markdown, flush=True)
+    if gpu and opts.sync_stacks:
+        stacks = sync_stacks(lambda: job.train_step(opts.warmup + 1))
+        if rank == 0:
+            with open(os.path.join(opts.out, "syncs.md"), "w") as f:
+                f.write(stacks)
+            print(stacks, flush=True)
     dist.barrier()
     dist.destroy_process_group()
     return 0

@@ -51,3 +51,13 @@ def test_table_compares_ring_with_local(tmp_path):
            "0 | 9.2002 (step 7) | 2.00e-04 over 7 steps | 146.0 | 3.12x |" in table, table
     assert "| main | 0.20.0 | Megatron local | - | not run (deadline) | - |  | - |  |" in table, table
     assert json.loads((tmp_path / "results.json").read_text())["runs"][1]["losses"] == [float(f"{x:.6E}") for x in ring]
+
+
+def test_documents_runs_compare_ring_with_megatrons_dense_document_mask():
+    flags = versions.megatron_flags(64, 2, 64, 4, 1, 128) + versions.DOCUMENT_FLAGS
+    local, ring = versions.run_flags(flags, ring=False), versions.run_flags(flags, ring=True)
+    assert "--no-create-attention-mask-in-dataloader" not in local and "--ring-attention" not in local
+    assert "--no-create-attention-mask-in-dataloader" in ring and ring[-1] == "--ring-attention"
+    assert set(versions.DOCUMENT_FLAGS) <= set(local) & set(ring)
+    plain = versions.megatron_flags(64, 2, 64, 4, 1, 128)
+    assert versions.run_flags(plain, ring=False) == plain
