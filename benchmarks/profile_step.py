@@ -55,6 +55,21 @@ def device_events(prof) -> list[tuple[str, float, float]]:
     return out
 
 
+def sync_callers(prof) -> dict[str, int]:
+    """How many host synchronisations each chain of enclosing operators made ("outer < inner < sync")."""
+    import collections
+
+    seen: collections.Counter = collections.Counter()
+    for event in prof.events():
+        if event.name in SYNCS:
+            chain, parent = [event.name], event.cpu_parent
+            while parent is not None and len(chain) < 5:
+                chain.append(parent.name)
+                parent = parent.cpu_parent
+            seen[" < ".join(reversed(chain))] += 1
+    return dict(seen.most_common())
+
+
 def summarize(prof, wall_ms: float, gpu: bool, top: int) -> dict:
     """The numbers of the docstring from a finished profile."""
     averages = prof.key_averages()
@@ -68,7 +83,8 @@ def summarize(prof, wall_ms: float, gpu: bool, top: int) -> dict:
         to_host = sum(1 for name, _, _ in events if "DtoH" in name)
         syncs = sum(a.count for a in averages if a.key in SYNCS)
         return {"wall_ms": wall_ms, "gpu_busy_ms": busy, "gpu_busy_share": busy / wall_ms, "kernels": len(events),
-                "device_to_host_copies": to_host, "host_syncs": syncs, "top": rows}
+                "device_to_host_copies": to_host, "host_syncs": syncs, "syncs_by_caller": sync_callers(prof),
+                "top": rows}
     ops = sorted(averages, key=lambda a: -a.self_cpu_time_total)
     rows = [{"name": a.key, "calls": a.count, "ms": a.self_cpu_time_total / 1e3,
              "share": a.self_cpu_time_total / 1e3 / wall_ms} for a in ops[:top]]
@@ -87,6 +103,8 @@ def sync_stacks(step) -> str:
     seen: collections.Counter = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "synchroniz" not in str(message):
+            return
         frames = [f for f in traceback.extract_stack()[:-1] if "warnings.py" not in f.filename]
         seen["\n".join(f"    {f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}" for f in frames[-12:])
              + f"\n    -> {str(message)[:100]}"] += 1
@@ -118,6 +136,8 @@ def report(summary: dict, env: dict, job_argv: list[str], recompute_line: str, f
         lines += [f"GPU busy: {summary['gpu_busy_ms']:.1f} ms = {100 * summary['gpu_busy_share']:.1f}% of the wall "
                   f"time ({summary['kernels']} kernels and copies); device-to-host copies in the step: "
                   f"{summary['device_to_host_copies']}, host synchronisations: {summary['host_syncs']}.", "",
+                  "Host synchronisations by enclosing operators:", "",
+                  *(f"- {n} x {chain}" for chain, n in summary["syncs_by_caller"].items()), "",
                   "Top kernels by GPU time:", ""]
         header = ["kernel", "calls", "GPU ms", "share of GPU busy"]
     else:

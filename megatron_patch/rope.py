@@ -27,6 +27,17 @@ class LayoutRotaryEmbedding(RotaryEmbedding):
     """
 
     layout: str | None = None
+    _placed = False  # set once model.to(device) / .cuda() / .cpu() has moved inv_freq with the model
+
+    def _apply(self, fn, recurse: bool = True):
+        """``model.to(device)`` moves ``inv_freq`` (a plain attribute, not a buffer) with the model, keeping
+        its float32: a CPU model on a machine with a GPU keeps its table on the CPU."""
+        moved = fn(self.inv_freq)
+        if moved.device != self.inv_freq.device:
+            self.inv_freq = self.inv_freq.to(moved.device)
+            type(self).forward.cache_clear()  # tables built on the old device
+        self._placed = True
+        return super()._apply(fn, recurse)
 
     @classmethod
     def convert(cls, rope: RotaryEmbedding, layout: str) -> LayoutRotaryEmbedding:
@@ -52,7 +63,7 @@ class LayoutRotaryEmbedding(RotaryEmbedding):
         self.ring_forward_ran = True  # for megatron_patch.guard: Megatron's RoPE table comes from here
         group = cp_group if cp_group is not None else getattr(self, "cp_group", None)
         size = 1 if group is None else group.size()
-        if self.inv_freq.device.type == "cpu" and torch.cuda.is_available():
+        if self.inv_freq.device.type == "cpu" and torch.cuda.is_available() and not self._placed:
             self.inv_freq = self.inv_freq.to(torch.cuda.current_device())  # as Megatron's get_emb does
         freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [seq, dim / 2], Megatron's own
         if size > 1 and not packed_seq:  # packed (THD) sequences are sliced later, by Megatron

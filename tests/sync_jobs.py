@@ -59,9 +59,12 @@ def host_reads_per_step(cp: int, layers: int, mask: bool, device: str = "cpu", s
                 torch.cuda.set_sync_debug_mode("error")
             try:
                 with HostReads() as reads:
-                    loss = model(local["tokens"], local["position_ids"], local.get("attention_mask"),
-                                 labels=local["labels"])
-                    loss.sum().backward()
+                    # under sync debug mode, the loss from the logits: Megatron's cross-entropy all-reduces
+                    # over the tensor-parallel group, which on this gloo pool waits for CUDA tensors
+                    # (NCCL would not); the layer loop is what is checked
+                    labels = None if sync_debug else local["labels"]
+                    out = model(local["tokens"], local["position_ids"], local.get("attention_mask"), labels=labels)
+                    (out.float().square().mean() if sync_debug else out.sum()).backward()
             finally:
                 if debug:
                     torch.cuda.set_sync_debug_mode("default")

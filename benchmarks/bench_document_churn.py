@@ -1,0 +1,123 @@
+"""Packed documents as training sees them: new document lengths every step.
+
+    python benchmarks/bench_document_churn.py --out benchmarks/results/h200-DATE/document_churn
+
+``bench_documents.py`` times the same documents over and over, so whatever a kernel library builds
+per shape (cuDNN's execution plans, Triton's compiled variants) is built once and hidden. In training
+every batch packs different documents. This script runs ``--steps`` forward+backward passes of the
+simulated ring, each on its own document lengths (Megatron-LM's mock data: uniform in [1, 4096), or
+log-normal with ``--median``), and the same passes with the first step's documents repeated, for each
+``--small`` threshold (documents shorter go to the grouped Triton block; longer ones to cuDNN). Also
+PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, useful_flops  # noqa: E402
+from benchmarks.common import env_line, environment, randn, table, write_results  # noqa: E402
+from ring_sp import ring_attention_simulated, schedule, split  # noqa: E402
+
+
+def uniform_lengths(seq: int, seed: int, high: int = 4096) -> list[int]:
+    """Megatron-LM's mock documents: lengths uniform in [1, high), packed until ``seq`` is full."""
+    g = torch.Generator().manual_seed(seed)
+    out, left = [], seq
+    while left > 0:
+        n = min(int(torch.randint(1, high, (1,), generator=g)), left)
+        out.append(n)
+        left -= n
+    return out
+
+
+def boundaries(lengths: list[int]) -> list[int]:
+    cu = [0]
+    for n in lengths:
+        cu.append(cu[-1] + n)
+    return cu
+
+
+def ring_step(q, k, v, do, world: int, layout: str, cu: list[int]) -> None:
+    qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
+    qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
+    torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu), dos)
+
+
+def varlen_step(q, k, v, do, cu: list[int]) -> None:
+    import inspect
+
+    from torch.nn.attention.varlen import varlen_attn
+
+    params = inspect.signature(varlen_attn).parameters
+    kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
+    lengths = [b - a for a, b in zip(cu, cu[1:])]
+    cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
+    kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
+    qg, kg, vg = (t[0].detach().requires_grad_() for t in (q, kr, vr))
+    longest = max(lengths)
+    varlen_attn(qg, kg, vg, cu_t, cu_t, longest, longest, **kw).backward(do[0])
+
+
+def timed(step, docs: list[list[int]]) -> float:
+    """ms per step over docs[1:] (docs[0] warms up)."""
+    step(docs[0])
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for cu in docs[1:]:
+        step(cu)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / (len(docs) - 1)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq", type=int, nargs="+", default=[8192, 131072])
+    p.add_argument("--world", type=int, nargs="+", default=[1, 8], help="one per --seq")
+    p.add_argument("--layout", default="contiguous")
+    p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
+    p.add_argument("--median", type=int, default=3500)
+    p.add_argument("--small", type=int, nargs="+", default=[schedule.SMALL_DOCUMENT, 1 << 30])
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--out", default=None)
+    opts = p.parse_args(argv)
+    env = environment()
+    rows, header = [], ["seq", "W", "run", "documents", "ms/step", "TFLOP/s (f+b, useful)"]
+    default_small = schedule.SMALL_DOCUMENT
+    for seq, world in zip(opts.seq, opts.world):
+        make = (lambda s: uniform_lengths(seq, s)) if opts.lengths == "uniform" else (
+            lambda s: document_lengths(seq, opts.median, [], s))
+        fresh = [boundaries(make(seed)) for seed in range(opts.steps + 1)]
+        same = [fresh[0]] * (opts.steps + 1)
+        flops = sum(useful_flops([b - a for a, b in zip(cu, cu[1:])], True) for cu in fresh[1:]) / opts.steps
+        q, do = randn(1, seq, HEADS, HEAD_DIM), randn(1, seq, HEADS, HEAD_DIM)
+        k, v = randn(1, seq, KV_HEADS, HEAD_DIM), randn(1, seq, KV_HEADS, HEAD_DIM)
+        runs = [(f"ring {opts.layout}, small {small}", small) for small in opts.small]
+        for name, small in runs:
+            schedule.SMALL_DOCUMENT = small
+            for label, docs in (("fresh each step", fresh), ("repeated", same)):
+                ms = timed(lambda cu: ring_step(q, k, v, do, world, opts.layout, cu), docs)
+                rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9))
+                print(rows[-1], flush=True)
+        schedule.SMALL_DOCUMENT = default_small
+        ms = timed(lambda cu: varlen_step(q, k, v, do, cu), fresh)
+        rows.append(dict(seq=seq, world=1, run="varlen_attn (flash 2)", documents="fresh each step", ms=ms,
+                         tflops=flops / ms / 1e9))
+        print(rows[-1], flush=True)
+    cells = [[r["seq"], r["world"], r["run"], r["documents"], f"{r['ms']:.1f}", f"{r['tflops']:.0f}"] for r in rows]
+    text = "\n".join(["# Packed documents, new lengths every step", "", env_line(env), "",
+                      f"Lengths: {opts.lengths}; causal, bf16, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM}; "
+                      f"{opts.steps} timed steps after one warm-up.", "", *table(header, cells), ""])
+    print(text)
+    if opts.out:
+        write_results(opts.out, text, {"environment": env, "rows": rows}, name="results")
+
+
+if __name__ == "__main__":
+    main()
