@@ -25,8 +25,10 @@ ifndef DEMO_RUN
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
 endif
 DEMO_OUT = $(if $(findstring --save,$(DEMO_ARGS)),,--save $(DEMO_RUN) --plot $(DEMO_RUN)/loss.png)
+# DeepSpeed's accelerator is named (cpu: the demo's gloo ranks), so its launcher does not warn that it guessed.
+DEMO_ACCELERATOR ?= cpu
 demo: $(VENV)/.installed
-	$(VENV)/bin/deepspeed --log_level error --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
+	DS_ACCELERATOR=$(DEMO_ACCELERATOR) $(VENV)/bin/deepspeed --log_level error --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
 		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --ring-backend torch --seq-length 128 \
 		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant \
 		--train-iters 300 --eval-interval 50 $(DEMO_OUT) $(DEMO_ARGS)

@@ -82,6 +82,14 @@ def build_optimizer(args, model):
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from pinned memory onto a GPU, so that the copy does not wait for the GPU's queue
+    (a copy from pageable memory synchronises the stream first)."""
+    if device.type != "cuda" or t.device.type != "cpu":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class Step(NamedTuple):
     """What one optimizer step gave: the loss over the global batch, DeepSpeed's gradient norm (None
     without ZeRO, bf16 or fp16), whether the gradients the job checked itself were finite, and whether
@@ -161,7 +169,7 @@ class Job:
             full["loss_mask"] = full["loss_mask"] * data.not_last_of_documents(documents, args.seq_length)
         local = shard_batch(full, self.layout, self.ring_group,
                             documents=documents if args.reset_attention_mask else None)
-        return {k: v if k == "attention_mask" else v.to(self.device) for k, v in local.items()}
+        return {k: v if k == "attention_mask" else to_device(v, self.device) for k, v in local.items()}
 
     def sum_over_replicas(self, values: list[float] | torch.Tensor) -> torch.Tensor:
         """Sum float64 values over data × ring (tensor-parallel ranks hold copies, so not over them)."""
