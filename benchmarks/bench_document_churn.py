@@ -44,10 +44,11 @@ def boundaries(lengths: list[int]) -> list[int]:
     return cu
 
 
-def ring_step(q, k, v, do, world: int, layout: str, cu: list[int]) -> None:
+def ring_step(q, k, v, do, world: int, layout: str, cu: list[int], backend: str = "auto") -> None:
     qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
     qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
-    torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu), dos)
+    torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu,
+                                                     backend=backend), dos)
 
 
 def varlen_step(q, k, v, do, cu: list[int]) -> None:
@@ -84,6 +85,8 @@ def main(argv=None) -> None:
     p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
     p.add_argument("--median", type=int, default=3500)
     p.add_argument("--small", type=int, nargs="+", default=[schedule.SMALL_DOCUMENT, 1 << 30])
+    p.add_argument("--backends", nargs="*", default=["sdpa_flash"],
+                   help="also these block backends, every document piece a block of its own (small 0)")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default=None)
     opts = p.parse_args(argv)
@@ -98,11 +101,13 @@ def main(argv=None) -> None:
         flops = sum(useful_flops([b - a for a, b in zip(cu, cu[1:])], True) for cu in fresh[1:]) / opts.steps
         q, do = randn(1, seq, HEADS, HEAD_DIM), randn(1, seq, HEADS, HEAD_DIM)
         k, v = randn(1, seq, KV_HEADS, HEAD_DIM), randn(1, seq, KV_HEADS, HEAD_DIM)
-        runs = [(f"ring {opts.layout}, small {small}", small) for small in opts.small]
-        for name, small in runs:
+        runs = [(f"ring {opts.layout}, auto, small {small}", small, "auto") for small in opts.small]
+        runs += [(f"ring {opts.layout}, {backend}, every document its own block", 0, backend)
+                 for backend in opts.backends]
+        for name, small, backend in runs:
             schedule.SMALL_DOCUMENT = small
             for label, docs in (("fresh each step", fresh), ("repeated", same)):
-                ms = timed(lambda cu: ring_step(q, k, v, do, world, opts.layout, cu), docs)
+                ms = timed(lambda cu: ring_step(q, k, v, do, world, opts.layout, cu, backend), docs)
                 rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9))
                 print(rows[-1], flush=True)
         schedule.SMALL_DOCUMENT = default_small
