@@ -18,7 +18,7 @@ from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
 from megatron_patch import defaults
-from megatron_patch.documents import documents_of, is_document_mask
+from megatron_patch.documents import boundaries, documents_of, is_document_mask, read_once
 from megatron_patch.groups import context_parallel_group
 from megatron_patch.options import RingOptions, check_ring_size, lookback_from_window
 from ring_sp import local_positions, ring_attention
@@ -37,8 +37,6 @@ def _window_applies(config, layer_number: int) -> bool:
                                      layer_number)
 
 
-# read function -> (weakref to the tensor it last read, its version, what it read)
-_READS: dict[object, tuple] = {}
 # (id(mask), version, ...) -> (weakref to the attention_mask, causal): the check of a batch's mask, made once by
 # the first ring layer (with a collective and a host read of the comparison) and reused by the later layers
 _MASKS: dict[tuple, tuple] = {}
@@ -57,21 +55,6 @@ def _note_layer(config, layer_number: int) -> None:
 def _is_first_layer(config, layer_number: int) -> bool:
     seen = _FIRST_LAYER.get(id(config))
     return seen is None or seen[0]() is not config or seen[1] == layer_number
-
-
-def _boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
-    return tuple(int(x) for x in cu_seqlens.tolist())
-
-
-def _read_once(t: Tensor, read):
-    """``read(t)``, a host read of a small tensor (a device sync if it is on the GPU), once per tensor object
-    and version: every layer of a batch gets the same tensor."""
-    seen = _READS.get(read)
-    if seen is not None and seen[0]() is t and seen[1] == t._version:
-        return seen[2]
-    value = read(t)
-    _READS[read] = (weakref.ref(t), t._version, value)  # only the current batch's
-    return value
 
 
 def keep_out_of_recompute(attention) -> None:
@@ -161,7 +144,7 @@ class RingCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         documents = None
         if is_document_mask(attention_mask):
-            documents, attention_mask = _read_once(attention_mask, documents_of), None
+            documents, attention_mask = read_once(attention_mask, documents_of), None
         elif self.options.documents:
             raise ValueError("--reset-attention-mask: this batch carries no document boundaries, so ring attention "
                              "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
@@ -204,7 +187,7 @@ class RingCoreAttention(MegatronModule):
         bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
-                             cu_seqlens=_read_once(bounds, _boundaries), agree=self._agrees())
+                             cu_seqlens=read_once(bounds, boundaries), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
