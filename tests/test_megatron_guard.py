@@ -73,7 +73,9 @@ def test_apply_without_megatron_lm_replaces_the_core_names():
     try:
         assert megatron_lm.apply() == ["megatron.core.transformer.attention.Attention.__init__",
                                        "megatron.core.models.gpt.gpt_model.RotaryEmbedding",
-                                       "megatron.core.utils.get_batch_on_this_cp_rank"]
+                                       "megatron.core.utils.get_batch_on_this_cp_rank",
+                                       "megatron.core.utils.get_thd_batch_on_this_cp_rank",
+                                       "megatron.core.transformer.attention.apply_rotary_pos_emb"]
         assert megatron_lm.missing() == {}
     finally:
         megatron_lm.restore()
