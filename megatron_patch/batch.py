@@ -7,11 +7,12 @@ from torch import Tensor
 
 from megatron_patch.documents import document_mask, is_document_mask
 from megatron_patch.groups import context_parallel_group
+from megatron_patch.packed import PACKED_KEYS, is_packed, shard_packed
 from ring_sp import local_positions
 from ring_sp.layout import check_seq_len
 
 # Per-batch metadata that Megatron-LM keeps whole (as its own split does).
-METADATA_KEYS = ("cu_seqlens_padded", "max_seqlen", "local_cp_size", "hybrid_cp_group")
+METADATA_KEYS = PACKED_KEYS
 
 
 def _group_size_rank(cp_group) -> tuple[int, int]:
@@ -31,16 +32,23 @@ def shard_batch(batch: dict, layout: str, cp_group=None, *, documents=None) -> d
     document mask, which the ring core attention honours. For ``zigzag`` without documents this is
     exactly Megatron's ``get_batch_on_this_cp_rank``. Raises ValueError if a sequence length does not
     split as the layout needs, before anything is sliced.
+
+    A THD batch (it holds ``cu_seqlens``: one flat stream [1, T] of packed documents, as Megatron-LM
+    flattens a micro-batch) is cut along the stream with ``layout``; ``cu_seqlens``,
+    ``cu_seqlens_padded`` and ``max_seqlen`` stay whole (``megatron_patch.packed``): pass them to the
+    model in ``PackedSeqParams(qkv_format="thd", ...)``. Documents may have any length.
     """
+    if is_packed(batch):
+        if documents is not None:
+            raise ValueError("shard_batch(..., documents=...) on a THD batch: its cu_seqlens already give the "
+                             "documents; drop documents=")
+        return shard_packed(batch, layout, *_group_size_rank(cp_group))
     if documents is not None:
         tokens = batch.get("tokens")
         if not isinstance(tokens, Tensor) or tokens.dim() != 2:
             raise ValueError("shard_batch(..., documents=...) needs batch['tokens'] [batch, seq] to size the mask")
         batch = dict(batch, attention_mask=document_mask(documents, *tokens.shape))
     size, rank = _group_size_rank(cp_group)
-    if batch.get("cu_seqlens") is not None:
-        raise ValueError("the batch holds cu_seqlens (packed sequences, THD format), which ring attention does not "
-                         "support: feed padded [batch, seq] samples")
     dims = {key: (2 if key == "attention_mask" else 1) for key, val in batch.items()
             if isinstance(val, Tensor) and key not in METADATA_KEYS and not is_document_mask(val)}
     for key, dim in dims.items():

@@ -76,6 +76,8 @@ def _summary(report: dict) -> list[str]:
              f"  core attention: {', '.join(f'{k} x{n}' for k, n in kinds.items()) or 'no attention layers'}",
              f"  RoPE: {', '.join(report['rope']) or 'none'}",
              f"  pretrain_gpt.py's get_batch_on_this_cp_rank: {report['script_split']}"]
+    if "script_thd_split" in report:
+        lines.append(f"  pretrain_gpt.py's get_thd_batch_on_this_cp_rank: {report['script_thd_split']}")
     if "forward" in report:
         lines.append(f"  forward + backward on CPU: {report['forward']}")
     lines += [f"  PROBLEM: {p}" for p in report["problems"]]

@@ -85,10 +85,16 @@ def _build(bound, report: dict):
     return provider(pre_process=True, post_process=True)
 
 
+def _whose(function) -> str:
+    return "megatron_patch's" if getattr(function, "_megatron_patch", False) else f"Megatron's ({function.__module__})"
+
+
 def _script_split(script_globals: dict, report: dict):
     split = script_globals.get("get_batch_on_this_cp_rank")
-    report["script_split"] = "not imported by the script" if split is None else (
-        "megatron_patch's" if getattr(split, "_megatron_patch", False) else f"Megatron's ({split.__module__})")
+    report["script_split"] = "not imported by the script" if split is None else _whose(split)
+    thd = script_globals.get("get_thd_batch_on_this_cp_rank")  # Megatron-LM 0.16-0.17's split of THD batches
+    if thd is not None:
+        report["script_thd_split"] = _whose(thd)
     return split
 
 

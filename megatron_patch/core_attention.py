@@ -17,8 +17,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from torch import Tensor
 
-from megatron_patch import defaults
-from megatron_patch.documents import documents_of, is_document_mask
+from megatron_patch import defaults, packed, packed_rope
+from megatron_patch.documents import boundaries, documents_of, is_document_mask, read_once
 from megatron_patch.groups import context_parallel_group
 from megatron_patch.options import RingOptions, check_ring_size, lookback_from_window
 from ring_sp import local_positions, ring_attention
@@ -37,8 +37,6 @@ def _window_applies(config, layer_number: int) -> bool:
                                      layer_number)
 
 
-# read function -> (weakref to the tensor it last read, its version, what it read)
-_READS: dict[object, tuple] = {}
 # (id(mask), version, ...) -> (weakref to the attention_mask, causal): the check of a batch's mask, made once by
 # the first ring layer (with a collective and a host read of the comparison) and reused by the later layers
 _MASKS: dict[tuple, tuple] = {}
@@ -57,21 +55,6 @@ def _note_layer(config, layer_number: int) -> None:
 def _is_first_layer(config, layer_number: int) -> bool:
     seen = _FIRST_LAYER.get(id(config))
     return seen is None or seen[0]() is not config or seen[1] == layer_number
-
-
-def _boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
-    return tuple(int(x) for x in cu_seqlens.tolist())
-
-
-def _read_once(t: Tensor, read):
-    """``read(t)``, a host read of a small tensor (a device sync if it is on the GPU), once per tensor object
-    and version: every layer of a batch gets the same tensor."""
-    seen = _READS.get(read)
-    if seen is not None and seen[0]() is t and seen[1] == t._version:
-        return seen[2]
-    value = read(t)
-    _READS[read] = (weakref.ref(t), t._version, value)  # only the current batch's
-    return value
 
 
 def keep_out_of_recompute(attention) -> None:
@@ -128,6 +111,11 @@ class RingCoreAttention(MegatronModule):
                              f"{self.ring_size} ranks: with ring attention they must match (the ring is that group)")
         check_ring_size(self.options, self.ring_size)
         self.ring_rank = 0 if self.group is None else dist.get_rank(self.group)
+        # accepted without RingOptions or apply() only because the layout is Megatron's own split (zigzag)
+        self.relies_on_megatron = options is None and not defaults.applied()
+        if self.ring_size > 1:  # THD batches: RoPE by in-document position under the ring's layout
+            packed_rope.register(config, self.group, self.options.layout)
+            packed_rope.install()
         self.lookback = self._lookback(config, layer_number)
         if self.lookback is not None and attn_mask_type not in _CAUSAL + (AttnMaskType.arbitrary,):
             raise ValueError(f"a sliding window needs causal attention, got attn_mask_type={attn_mask_type}")
@@ -161,7 +149,7 @@ class RingCoreAttention(MegatronModule):
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         documents = None
         if is_document_mask(attention_mask):
-            documents, attention_mask = _read_once(attention_mask, documents_of), None
+            documents, attention_mask = read_once(attention_mask, documents_of), None
         elif self.options.documents:
             raise ValueError("--reset-attention-mask: this batch carries no document boundaries, so ring attention "
                              "would attend across documents. Megatron-LM: run through `python -m megatron_patch` "
@@ -185,26 +173,40 @@ class RingCoreAttention(MegatronModule):
         return _is_first_layer(self.config, self.layer_number)
 
     def _packed(self, query: Tensor, key: Tensor, value: Tensor, attn_mask_type, params) -> Tensor:
-        """THD packed sequences (Megatron's packed_seq_params): query [t, heads, d] (or [t, 1, heads, d]),
-        documents from ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``) → [t, heads * d].
+        """THD packed sequences (Megatron's packed_seq_params): query [t, heads, d] (or [t, 1, heads, d]), this
+        rank's share of the stream, documents from ``cu_seqlens_q_padded`` (else ``cu_seqlens_q``), the whole
+        stream's → [t, heads * d].
 
-        Context parallelism > 1 is refused: Megatron splits and rotates THD batches per document for
-        Transformer Engine (each document padded to 2 × CP), which is not the ring's layout."""
+        With context parallelism > 1 the stream must be split with the ring's layout (``shard_batch``, or
+        Megatron-LM's batch split after ``apply()``; ``megatron_patch.packed``), and RoPE follows it
+        (``megatron_patch.packed_rope``); Megatron's own split cuts every document for Transformer Engine."""
+        fmt = getattr(params, "qkv_format", None)
+        bounds = packed.ring_boundaries(getattr(params, "cu_seqlens_q", None),
+                                        getattr(params, "cu_seqlens_q_padded", None))
         why = None
-        if getattr(params, "qkv_format", None) != "thd":
-            why = f"packed_seq_params with qkv_format={getattr(params, 'qkv_format', None)!r}: only 'thd' is packed"
-        elif self.ring_size > 1:
-            why = ("THD packed sequences with context parallelism > 1: Megatron splits them per document for "
-                   "Transformer Engine, which is not the ring's layout. Pack the documents into [batch, seq] samples "
-                   "separated by EOD and use --reset-attention-mask (the same masking, any document lengths)")
-        self._agree(why is None, query.device)  # every rank raises together, or none does
+        if fmt != "thd":
+            why = f"packed_seq_params with qkv_format={fmt!r}: only 'thd' is packed"
+        elif bounds is None:
+            why = ("THD packed sequences without cu_seqlens_q: pass the documents' boundaries in the whole stream "
+                   "(PackedSeqParams(cu_seqlens_q=..., cu_seqlens_kv=...))")
+        elif self.ring_size > 1 and self.relies_on_megatron:
+            why = ("THD packed sequences with context parallelism > 1 need the ring's split of the stream and its "
+                   "RoPE, not Megatron's (which cuts every document for Transformer Engine): build the model with "
+                   "RingOptions (get_gpt_layer_ring_spec(options) / ring_gpt_model) and split with "
+                   "megatron_patch.shard_batch, or run Megatron-LM through `python -m megatron_patch`")
+        elif self.ring_size > 1 and not packed_rope.installed():
+            why = ("THD packed sequences with context parallelism > 1: this megatron-core has no "
+                   f"{packed_rope.ATTENTION}.apply_rotary_pos_emb to make RoPE follow the ring's split")
+        if self._agrees():
+            self._agree(why is None, query.device, "packed_seq_params that ring attention refuses")
         if why is not None:
             raise ValueError(why)
+        if self.ring_size > 1:
+            packed.SEEN["attention"] = True
         q, k, v = (t.reshape(t.shape[0], *t.shape[-2:])[None] for t in (query, key, value))  # (1, t, heads, d)
-        bounds = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
-                             cu_seqlens=_read_once(bounds, _boundaries), agree=self._agrees())
+                             cu_seqlens=read_once(bounds, boundaries), agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)
 
     def _causal(self, mask_type: AttnMaskType, mask: Tensor | None, local_seq: int, device) -> bool:
@@ -264,12 +266,12 @@ class RingCoreAttention(MegatronModule):
                 visible &= rows[:, None] - keys[None, :] < self.lookback
         return bool((mask == ~visible).all())
 
-    def _agree(self, ok: bool, device) -> None:
+    def _agree(self, ok: bool, device, what: str = "an attention_mask that ring attention cannot honour") -> None:
         if self.group is None or self.ring_size == 1:
             return
         on_gpu = dist.get_backend(self.group) == "nccl"
         flag = torch.tensor([int(ok)], device=device if on_gpu else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         if not flag.item() and ok:
-            raise ValueError("another rank of the context-parallel group got an attention_mask that ring attention "
-                             "cannot honour (its error says why): pass attention_mask=None")
+            raise ValueError(f"another rank of the context-parallel group got {what} (its error says why)"
+                             + (": pass attention_mask=None" if "attention_mask" in what else ""))

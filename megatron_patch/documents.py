@@ -6,9 +6,13 @@ sequence's boundaries ``[0, e1, ..., S]`` (global positions of the whole sequenc
 by repeating S). It is kept on the CPU (reading it costs no device sync), survives activation
 recompute and pipeline schedules like any mask, and replaces Megatron's dense [batch, 1, S, S] mask
 (S² bytes a sequence). ``RingCoreAttention`` recognises it by its integer dtype.
+
+Every layer reads the same boundaries: ``read_once`` reads them on the host once per batch.
 """
 
 from __future__ import annotations
+
+import weakref
 
 import torch
 from torch import Tensor
@@ -59,3 +63,25 @@ def reset_position_ids(cu_seqlens, seq: int) -> Tensor:
     """(batch, seq) position ids restarting at 0 in every document (Megatron-LM's ``--reset-position-ids``),
     for the whole sequence (shard them with the batch)."""
     return document_positions([list(b) for b in cu_seqlens], seq, "contiguous", 0, 1)
+
+
+# read function -> (weakref to the tensor it last read, its version, what it read)
+_READS: dict[object, tuple] = {}
+
+
+def read_once(t: Tensor, read):
+    """``read(t)``, a host read of a small tensor (a device sync if it is on the GPU), once per tensor object
+    and version: every layer of a batch gets the same tensor."""
+    seen = _READS.get(read)
+    if seen is not None and seen[0]() is t and seen[1] == t._version:
+        return seen[2]
+    value = read(t)
+    _READS[read] = (weakref.ref(t), t._version, value)  # only the current batch's
+    return value
+
+
+def boundaries(cu_seqlens: Tensor) -> tuple[int, ...]:
+    """THD boundaries as ints: a 1-D tensor, or Megatron-LM's (1, n) batch entry."""
+    if cu_seqlens.dim() == 2 and cu_seqlens.shape[0] == 1:
+        cu_seqlens = cu_seqlens[0]
+    return tuple(int(x) for x in cu_seqlens.tolist())

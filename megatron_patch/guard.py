@@ -6,6 +6,8 @@ its first training step. They look at what was built and what ran, not at what w
 - with ``--ring-attention``: every attention layer's core attention is ``RingCoreAttention``; Megatron's
   ``RotaryEmbedding`` was replaced by ``LayoutRotaryEmbedding`` and its forward ran; with
   context parallelism, this process's data split went through ``megatron_patch`` (see ``mark_data_split``);
+  when ring attention ran over THD packed sequences with context parallelism, their split was the ring's
+  and RoPE rotated them by in-document position (``megatron_patch.packed``), not Megatron's per-document slicing;
 - without it: no ``RingCoreAttention`` anywhere (a ring module without the flag is as wrong).
 
 Every rank checks its own chunks, then all ranks agree (one all-reduce over the world) and all
@@ -22,6 +24,7 @@ import torch.distributed as dist
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.attention import Attention
 
+from megatron_patch import packed
 from megatron_patch.core_attention import RingCoreAttention
 from megatron_patch.rope import LayoutRotaryEmbedding
 
@@ -44,6 +47,7 @@ def first_step_checked() -> bool:
 
 def reset() -> None:
     _seen.update(data_split=False, first_step=False)
+    packed.reset()
 
 
 def megatron_version() -> str:
@@ -97,6 +101,13 @@ def step_problems(model, context_parallel_size: int) -> list[str]:
     if context_parallel_size > 1 and holds_data and not _seen["data_split"]:
         problems.append("the batch was not split by megatron_patch's get_batch_on_this_cp_rank (the script took its "
                         "context-parallel split from somewhere else, so the data would not follow --ring-layout)")
+    if packed.SEEN["attention"]:  # ring attention over THD packed sequences, context parallelism > 1
+        if not packed.SEEN["rope"] and any(isinstance(m, RotaryEmbedding) for _, m in _named(model)):
+            problems.append("THD packed sequences were rotated by Megatron's own apply_rotary_pos_emb (per-document "
+                            "zigzag slicing), not megatron_patch's: RoPE would not follow the ring's split")
+        if holds_data and not packed.SEEN["split"]:
+            problems.append("the THD packed batch was not split by megatron_patch (Megatron's own THD split cuts "
+                            "every document for Transformer Engine), so the data would not follow --ring-layout")
     return problems
 
 

@@ -12,7 +12,11 @@ does). It replaces a few of Megatron's public names (works with Megatron-LM core
   Selective recompute (``--recompute-activations``) then leaves the ring core attention alone.
 - ``megatron.core.models.gpt.gpt_model.RotaryEmbedding``: RoPE positions follow ``--ring-layout``.
 - ``get_batch_on_this_cp_rank`` (``megatron.core.utils``, and ``megatron.training.utils`` before 0.18):
-  the data split follows ``--ring-layout`` (Megatron's own for zigzag).
+  the data split follows ``--ring-layout`` (Megatron's own for zigzag). THD batches (``cu_seqlens``:
+  SFT packing, ``--dataloader-inter-document-masking``) are split as one stream with the layout
+  (``megatron_patch.packed``), also through ``get_thd_batch_on_this_cp_rank`` (0.16–0.17), and
+  ``megatron.core.transformer.attention.apply_rotary_pos_emb`` rotates their tokens by in-document
+  position (``megatron_patch.packed_rope``).
 - ``megatron.training.training.setup_model_and_optimizer`` and ``train_step``: the guard
   (``megatron_patch.guard``) checks the built model, and after the first step RoPE and the data split;
   if ``--ring-attention`` did not take effect (or ring attention is there without it), every rank raises.
@@ -30,11 +34,13 @@ import inspect
 
 import torch.distributed as dist
 
-from megatron_patch import defaults, guard
+from megatron_patch import defaults, guard, packed_rope
 from megatron_patch.batch import shard_batch
 from megatron_patch.core_attention import keep_out_of_recompute
 from megatron_patch.documents import boundaries_from_eod, document_mask
+from megatron_patch.groups import context_parallel_group
 from megatron_patch.options import RingOptions, add_ring_attention_args, validate_ring_args
+from megatron_patch.packed import is_packed
 from megatron_patch.rope import LayoutRotaryEmbedding
 from megatron_patch.spec import ring_core_attention_spec
 
@@ -133,13 +139,35 @@ def _wrap_attention_init(original):
     return __init__
 
 
+_HYBRID = ("hybrid context parallelism (--hybrid-context-parallel: per-sample context-parallel groups) is not "
+           "supported by ring attention: drop it")
+
+
+def _arguments(signature: inspect.Signature, *args, **kwargs) -> dict:
+    """The call's arguments by name (empty if they do not fit the signature: the original will say why)."""
+    try:
+        return signature.bind(*args, **kwargs).arguments
+    except TypeError:
+        return {}
+
+
 def _wrap_batch_split(original):
+    signature = inspect.signature(original)
+
     @functools.wraps(original)
     def get_batch_on_this_cp_rank(batch, *args, **kwargs):
         options = defaults.megatron_lm_options()
         if options is None:
             return original(batch, *args, **kwargs)
         guard.mark_data_split()
+        if _arguments(signature, batch, *args, **kwargs).get("is_hybrid_cp"):
+            raise ValueError(_HYBRID)
+        group = kwargs.get("cp_group")
+        if group is None:
+            group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
+        if is_packed(batch):  # THD: the ring's split of the stream at every layout (Megatron's cuts each document)
+            batch.update(shard_batch(batch, options.layout, group))
+            return batch
         mask = None
         if options.documents:  # from the whole sequences, before the split; replaces Megatron's dense mask
             tokens = batch["tokens"]
@@ -148,15 +176,38 @@ def _wrap_batch_split(original):
         if options.megatron_native:  # Megatron's own split
             batch = original(batch, *args, **kwargs)
         else:
-            group = kwargs.get("cp_group")
-            if group is None:
-                group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
             batch.update(shard_batch(batch, options.layout, group))
         if mask is not None:
             batch["attention_mask"] = mask
         return batch
 
     return get_batch_on_this_cp_rank
+
+
+def _wrap_thd_split(original):
+    """Megatron-LM 0.16–0.17's ``get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen,
+    cp_size=None, cp_rank=None) -> (batch, packed_seq_params)``: Megatron's PackedSeqParams, the ring's split."""
+    signature = inspect.signature(original)
+
+    @functools.wraps(original)
+    def get_thd_batch_on_this_cp_rank(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs):
+        options = defaults.megatron_lm_options()
+        if options is None:
+            return original(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs)
+        guard.mark_data_split()
+        given = _arguments(signature, batch, cu_seqlens, cu_seqlens_padded, max_seqlen, *args, **kwargs)
+        group = context_parallel_group(required=False)
+        size = 1 if group is None else dist.get_world_size(group)
+        if given.get("cp_size") not in (None, size):
+            raise ValueError(f"get_thd_batch_on_this_cp_rank(cp_size={given['cp_size']}) but the context-parallel "
+                             f"group (the ring) has {size} ranks: ring attention splits over that group")
+        whole, params = original(batch, cu_seqlens, cu_seqlens_padded, max_seqlen, cp_size=1, cp_rank=0)  # uncut
+        local = shard_batch(dict(whole, cu_seqlens=cu_seqlens, cu_seqlens_padded=cu_seqlens_padded),
+                            options.layout, group)
+        whole.update((key, local[key]) for key in whole)
+        return whole, params
+
+    return get_thd_batch_on_this_cp_rank
 
 
 def _eod_token() -> int:
@@ -210,6 +261,9 @@ _TARGETS = [
     ("megatron.core.models.gpt.gpt_model", "RotaryEmbedding", lambda original: LayoutRotaryEmbedding, True),
     ("megatron.core.utils", "get_batch_on_this_cp_rank", _wrap_batch_split, True),
     ("megatron.training.utils", "get_batch_on_this_cp_rank", _wrap_batch_split, False),  # before 0.18
+    ("megatron.core.utils", "get_thd_batch_on_this_cp_rank", _wrap_thd_split, False),  # 0.16-0.17's THD split
+    # THD RoPE; also installed by every ring core attention (megatron-core users); the guard catches its absence
+    ("megatron.core.transformer.attention", "apply_rotary_pos_emb", packed_rope.wrap, False),
     ("megatron.training.training", "setup_model_and_optimizer", _wrap_setup_model_and_optimizer, True),
     ("megatron.training.training", "train_step", _wrap_train_step, True),
 ]
@@ -223,6 +277,7 @@ def apply() -> list[str]:
     """
     done = []
     _MISSING.clear()
+    guard.reset()  # the guard judges what runs from here on
     for path, attr, make, required in _TARGETS:
         outcome = _replace(path, attr, make)
         if outcome == "replaced":

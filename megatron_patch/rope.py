@@ -66,7 +66,7 @@ class LayoutRotaryEmbedding(RotaryEmbedding):
         if self.inv_freq.device.type == "cpu" and torch.cuda.is_available() and not self._placed:
             self.inv_freq = self.inv_freq.to(torch.cuda.current_device())  # as Megatron's get_emb does
         freqs = self.get_freqs_non_repeated(max_seq_len, offset)  # [seq, dim / 2], Megatron's own
-        if size > 1 and not packed_seq:  # packed (THD) sequences are sliced later, by Megatron
+        if size > 1 and not packed_seq:  # packed (THD): the whole table, rows picked per token by packed_rope
             freqs = freqs.index_select(0, local_positions(max_seq_len, layout, group.rank(), size).to(freqs.device))
         if not self.rotary_interleaved:
             emb = torch.cat((freqs, freqs), dim=-1)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import importlib
 
 import megatron.core.utils as megatron_utils
 import torch
@@ -15,6 +17,8 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import gpt_layer_specs, gpt_model
 
 from megatron_patch import RingOptions, add_ring_attention_args, guard, megatron_lm, ring_gpt_model
+from ring_sp import local_positions
+from tests import thd_batches
 from tests.megatron_jobs import (
     VOCAB,
     DenseCoreAttention,
@@ -71,6 +75,30 @@ def _forward_step(split):
     return forward_step
 
 
+def _thd_forward_step(split):
+    """Megatron-LM's forward step for a THD batch: split, then the model with its PackedSeqParams."""
+    def forward_step(data_iterator, model):
+        batch = split(dict(next(data_iterator)))
+        return model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
+                     packed_seq_params=thd_batches.packed_params(batch))
+
+    return forward_step
+
+
+def _thd_batches():
+    """Two THD streams of 2 × 16 tokens whose documents (4, 8, 4 tokens) Megatron's own RoPE slicing accepts."""
+    case = {"seq": SEQ, "thd": 0, "lengths": [4, 8, 4]}
+    return iter([thd_batches.stream(case, part, slice(0, 2)) for part in make_batches(2, 1, 2, SEQ, seed=3)])
+
+
+def _hand_split(batch):
+    """A THD split outside megatron_patch (the stream cut with zigzag by hand)."""
+    group = parallel_state.get_context_parallel_group()
+    index = local_positions(batch["tokens"].shape[1], "zigzag", group.rank(), group.size())
+    return {key: val.index_select(1, index) if key in ("tokens", "labels", "loss_mask", "position_ids") else val
+            for key, val in batch.items()}
+
+
 def _megatron_split(batch):
     return megatron_utils.get_batch_on_this_cp_rank(batch, cp_group=parallel_state.get_context_parallel_group())
 
@@ -107,6 +135,21 @@ def _provoke(kind: str, rank: int) -> None:
             rope.ring_forward_ran = False
             rope.forward = lambda *args, **kwargs: table
         megatron_lm._wrap_train_step(_train_step)(_forward_step(split), batches, model, None, None, None, None)
+    elif kind.startswith("thd_"):
+        _configure(True)
+        model, _, _ = megatron_lm._wrap_setup_model_and_optimizer(_setup_model_and_optimizer)(None, _model)
+        split = _hand_split if kind == "thd_split_elsewhere" else _megatron_split
+        attention = importlib.import_module("megatron.core.transformer.attention")
+        ours = attention.apply_rotary_pos_emb
+        if kind == "thd_rope_elsewhere":  # as if Attention called Megatron's function under another name
+            megatrons = ours.__wrapped__
+            attention.apply_rotary_pos_emb = functools.wraps(megatrons)(lambda *a, **k: megatrons(*a, **k))
+            attention.apply_rotary_pos_emb._megatron_patch = True
+        try:
+            step = _thd_forward_step(split)
+            megatron_lm._wrap_train_step(_train_step)(step, _thd_batches(), model, None, None, None, None)
+        finally:
+            attention.apply_rotary_pos_emb = ours
     else:
         raise AssertionError(kind)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import megatron.core.utils as megatron_utils
 import torch
@@ -30,12 +30,15 @@ from megatron_patch import (
     LayoutRotaryEmbedding,
     RingOptions,
     add_ring_attention_args,
+    get_gpt_layer_ring_spec,
     megatron_lm,
+    packed_rope,
     reset_position_ids,
     ring_gpt_model,
     shard_batch,
 )
 from ring_sp.documents import document_ids
+from tests import thd_batches
 from tests.te_stand_ins import te_stand_ins
 
 VOCAB = 64
@@ -54,6 +57,9 @@ class DenseCoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
+        if packed_seq_params is not None:  # THD [t, heads, d]: one stream, attention inside its documents
+            mask = thd_batches.reference_mask(packed_seq_params, query.shape[0])
+            return self.forward(query[:, None], key[:, None], value[:, None], mask)[:, 0]
         sq, b, h, d = query.shape
         group = h // key.shape[2]
         k = key.repeat_interleave(group, dim=2)
@@ -174,7 +180,9 @@ def _causal_mask(n: int, seq: int) -> torch.Tensor:
 
 def _masked_sum(model, batch):
     """Σ loss · loss_mask over this rank's tokens, and the number of tokens counted."""
-    losses = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    packed = {"packed_seq_params": batch["packed_seq_params"]} if batch.get("packed_seq_params") else {}
+    losses = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"],
+                   **packed)
     return (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
 
 
@@ -200,6 +208,9 @@ def run_reference(case: dict, replicas: int) -> dict:
             docs = _documents(case, slice(d * micro, (d + 1) * micro))
             if docs is not None:
                 part = dict(_with_documents(case, part, docs), attention_mask=_cross_document_mask(docs, case["seq"]))
+            if case.get("thd") is not None:  # the same THD stream, whole, Megatron's own RoPE at cp = 1
+                part = thd_batches.stream(case, part, slice(d * micro, (d + 1) * micro))
+                part["packed_seq_params"] = thd_batches.packed_params(part)
             s, n = _masked_sum(model, part)
             total = total + s / n / replicas
         total.backward()
@@ -242,6 +253,8 @@ def _ring_model(case: dict, config: TransformerConfig, options: RingOptions):
 
 
 def _shard(case: dict, part: dict, rows: slice, cp_group) -> dict:
+    if case.get("thd") is not None:
+        return thd_batches.split(case, thd_batches.stream(case, part, rows), cp_group)
     if case.get("build") == "apply":
         return megatron_utils.get_batch_on_this_cp_rank(dict(part), cp_group=cp_group)
     docs = _documents(case, rows)
@@ -275,7 +288,8 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
             part["attention_mask"] = _causal_mask(micro, case["seq"])
         local = _shard(case, part, slice(dp_rank * micro, (dp_rank + 1) * micro), cp_group)
         optimizer.zero_grad()
-        s, n = _masked_sum(model, local)
+        with _megatron_thd_rope(config) if case.get("rope_fix") is False else nullcontext():
+            s, n = _masked_sum(model, local)
         n_total = n.detach().clone()
         dist.all_reduce(n_total, group=cp_group)
         (s * cp / n_total).backward()  # Megatron's loss scaling: the DP×CP average below undoes the ×cp
@@ -294,6 +308,17 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
                 grad_errors[name] = ((p.grad - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
         optimizer.step()
     return {"loss_errors": loss_errors, "grad_errors": grad_errors, "losses": reference["losses"]}
+
+
+@contextmanager
+def _megatron_thd_rope(config):
+    """Negative control: the ring model's THD tokens rotated by Megatron's own apply_rotary_pos_emb (per-document
+    zigzag chunks, Transformer Engine's split), as if megatron_patch.packed_rope were off."""
+    ring = packed_rope._RINGS.pop(id(config))
+    try:
+        yield
+    finally:
+        packed_rope._RINGS[id(config)] = ring
 
 
 def compare_with_reference(tp: int, cp: int, cases: list[dict]) -> list[dict]:
@@ -458,3 +483,49 @@ def agreement_exchanges_per_forward() -> int:
         finally:
             attention.gather_signatures = original
     return len(calls)
+
+
+def thd_bad_input(kind: str) -> str:
+    """Provoke one kind of bad THD input on tensor-parallel 1 × ring 2 (× data-parallel replicas); the error text."""
+    try:
+        with megatron_parallel(1, 2):
+            cp_group = parallel_state.get_context_parallel_group()
+            try:
+                _provoke_thd(kind, dist.get_rank(cp_group), cp_group)
+            except ValueError as error:
+                _usable()
+                return str(error)
+            return "no error"
+    finally:
+        megatron_lm.restore()
+        _usable()
+
+
+def _provoke_thd(kind: str, cp_rank: int, cp_group) -> None:
+    case = {"layout": "zigzag", "seq": 16, "thd": 3}
+    part = make_batches(1, 1, 2, 16, seed=1)[0]
+    batch = thd_batches.stream(case, part, slice(0, 2))
+    position = "learned_absolute" if kind in ("thd_ranks_disagree_no_rope", "thd_without_options") else "rope"
+    if kind == "thd_stream_length":  # T = 18 cannot be cut into 2 × 2 zigzag chunks
+        batch = thd_batches.stream(dict(case, seq=9), make_batches(1, 1, 2, 9, seed=1)[0], slice(0, 2))
+    elif kind == "thd_not_flat":  # the micro-batch not flattened into one stream
+        batch = dict(batch, **{key: part[key] for key in ("tokens", "labels", "loss_mask", "position_ids")})
+    elif kind.startswith("thd_ranks_disagree") and cp_rank == 1:  # rank 1 gets other boundaries
+        batch["cu_seqlens"] = torch.tensor([0, 3, 32], dtype=torch.int32)
+        batch["max_seqlen"] = torch.tensor([29], dtype=torch.int32)
+    elif kind == "thd_short_table":  # max_seqlen below the longest document: the rotary table is too short
+        batch["max_seqlen"] = batch["max_seqlen"] - 1
+    elif kind == "thd_hybrid":  # Megatron-LM main's split asked for hybrid context parallelism
+        megatron_lm.apply()
+        args = add_ring_attention_args(argparse.ArgumentParser()).parse_args(["--ring-attention"])
+        args.context_parallel_size = 2
+        megatron_lm.configure(args)
+        megatron_lm._wrap_batch_split(thd_batches._main_split)(batch, True, cp_group=cp_group)
+    if kind == "thd_without_options":  # the ring spec without RingOptions: accepted only as Megatron's own zigzag
+        model = GPTModel(make_config(1, 2), get_gpt_layer_ring_spec(None), vocab_size=VOCAB, max_sequence_length=32,
+                         position_embedding_type=position)
+    else:
+        model = ring_gpt_model(make_config(1, 2), vocab_size=VOCAB, max_sequence_length=32,
+                               options=RingOptions(layout=case["layout"]), position_embedding_type=position)
+    local = thd_batches.split(case, batch, cp_group)
+    _masked_sum(model, local)

@@ -21,6 +21,8 @@ from tests import megatron_guard_jobs
                            "is RingCoreAttention but --ring-attention is not set"]),
     ("split_elsewhere", ["after the first training step", "not split by megatron_patch"]),
     ("rope_elsewhere", ["after the first training step", "without calling LayoutRotaryEmbedding.forward"]),
+    ("thd_rope_elsewhere", ["after the first training step", "THD packed sequences were rotated by Megatron's own"]),
+    ("thd_split_elsewhere", ["after the first training step", "THD packed batch was not split by megatron_patch"]),
 ])
 def test_guard_stops_every_rank(dist_pool, kind, words):
     errors = dist_pool(2).run(megatron_guard_jobs.guard_verdict, kind, timeout=600)
@@ -36,9 +38,10 @@ def test_guard_stops_every_rank(dist_pool, kind, words):
         assert "decoder.layers.1.self_attention.core_attention is DenseCoreAttention" in errors[1], errors[1]
 
 
-@pytest.mark.parametrize("kind", ["ring", "plain"])
+@pytest.mark.parametrize("kind", ["ring", "plain", "thd_ring"])
 def test_guard_passes_what_took_effect(dist_pool, kind):
-    """--ring-attention through the replaced names (0.19-style spec override included), and a plain run."""
+    """--ring-attention through the replaced names (0.19-style spec override included; THD packed batches), and a
+    plain run."""
     assert dist_pool(2).run(megatron_guard_jobs.guard_verdict, kind, timeout=600) == ["no error"] * 2
 
 
@@ -73,7 +76,9 @@ def test_apply_without_megatron_lm_replaces_the_core_names():
     try:
         assert megatron_lm.apply() == ["megatron.core.transformer.attention.Attention.__init__",
                                        "megatron.core.models.gpt.gpt_model.RotaryEmbedding",
-                                       "megatron.core.utils.get_batch_on_this_cp_rank"]
+                                       "megatron.core.utils.get_batch_on_this_cp_rank",
+                                       "megatron.core.utils.get_thd_batch_on_this_cp_rank",
+                                       "megatron.core.transformer.attention.apply_rotary_pos_emb"]
         assert megatron_lm.missing() == {}
     finally:
         megatron_lm.restore()

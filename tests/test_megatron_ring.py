@@ -11,7 +11,7 @@ the comparison can fail.
 
 import pytest
 
-from tests import megatron_jobs
+from tests import megatron_jobs, thd_batches
 
 LOSS_TOL = 1e-5
 GRAD_TOL = 2e-5
@@ -136,3 +136,76 @@ def test_zigzag_is_megatrons_batch_split_and_rope_sharding(dist_pool, world):
     split (tokens, loss mask, positions, the attention mask's query rows, the rotary table)."""
     results = dist_pool(world).run(megatron_jobs.zigzag_is_megatrons, world, timeout=300)
     assert all(all(r) and len(r) == 5 for r in results), results
+
+
+# THD packed sequences (Megatron's packed_seq_params) at context parallelism > 1: one stream [1, T] of two
+# samples (micro-batch 2 flattened as Megatron-LM does) with documents of random lengths 1–13 (the first of
+# length 1; most not multiples of 2 × CP), split with the ring's layout, RoPE by in-document position, against
+# the same model on one rank fed the same THD batch (Megatron's own per-document RoPE at cp = 1).
+def _thd(layout, position="rope", **kw):
+    return _case(layout, position, **{"groups": 2, "thd": 3, "seq": 16, "micro": 2, **kw})
+
+
+def _ragged(cases, cp):
+    """Each case's documents include one of length 1 and lengths that are not multiples of 2 × CP."""
+    for case in cases:
+        lengths = [size for sample in thd_batches.documents(case, slice(0, 4)) for _, size in sample]
+        assert 1 in lengths and any(n % (2 * cp) for n in lengths) and len(lengths) > 4, (case, lengths)
+
+
+def test_thd_ring_2_every_layout(dist_pool):
+    """dp 2 × ring 2, every layout; padded documents (cu_seqlens_padded, padding with loss_mask 0); learned
+    positions (position ids restart per document)."""
+    cases = [_thd(layout) for layout in LAYOUTS]
+    cases += [_thd("striped", padded=True), _thd("zigzag", "learned_absolute", thd=4)]
+    _ragged(cases, 2)
+    _check(dist_pool(4).run(megatron_jobs.compare_with_reference, 1, 2, cases, timeout=600), cases)
+
+
+def test_thd_ring_4_and_tensor_parallel_2_ring_2(dist_pool):
+    """tp 1 × ring 4 (8 tokens a rank, documents spanning ranks or inside one), and tp 2 × ring 2."""
+    pool = dist_pool(4)
+    cases = [_thd("zigzag", thd=5), _thd("contiguous", padded=True, thd=6)]
+    _ragged(cases, 4)
+    _check(pool.run(megatron_jobs.compare_with_reference, 1, 4, cases, timeout=600), cases)
+    cases = [_thd("striped", padded=True, thd=7)]
+    _check(pool.run(megatron_jobs.compare_with_reference, 2, 2, cases, timeout=600), cases)
+
+
+@pytest.mark.parametrize("layout, split", [("zigzag", "main"), ("striped", "thd_016"), ("contiguous", "core_013"),
+                                           ("zigzag", "core")])
+def test_thd_through_megatron_lm_batch_split(dist_pool, layout, split):
+    """After apply() and --ring-attention --ring-layout L, Megatron-LM's THD batch split of each signature
+    (main's get_batch_on_this_cp_rank(batch, is_hybrid_cp, cp_group, ..., use_per_sequence_balancing), 0.16's
+    get_thd_batch_on_this_cp_rank, core 0.13's get_batch_on_this_cp_rank(batch), the installed one) gives the ring
+    model of the reference; zigzag too (Megatron's own THD split would cut every document)."""
+    cases = [_thd(layout, split=split, padded=split == "thd_016")]
+    argv = ["--ring-attention", "--ring-layout", layout]
+    _check(dist_pool(4).run(megatron_jobs.apply_matches_reference, 1, 2, cases, argv, timeout=600), cases)
+
+
+def test_thd_negative_control_megatron_rope(dist_pool):
+    """Documents of lengths 4, 8, 4 (multiples of 2 × CP, so Megatron's per-document RoPE slicing runs): with
+    megatron_patch's THD RoPE off the ring model misses the bounds, with it on it meets them."""
+    cases = [_thd("striped", lengths=[4, 8, 4], rope_fix=False), _thd("striped", lengths=[4, 8, 4])]
+    (off, on), *_ = dist_pool(4).run(megatron_jobs.compare_with_reference, 1, 2, cases, timeout=600)
+    assert max(off["grad_errors"].values()) > 30 * GRAD_TOL and off["loss_errors"][0] > 10 * LOSS_TOL, off
+    _check([[on]], cases[1:])
+
+
+@pytest.mark.parametrize("kind, words", [
+    ("thd_stream_length", ["T = 18", "multiple of 4", "Pad the stream"]),
+    ("thd_ranks_disagree", ["disagree", "cu_seqlens"]),
+    ("thd_ranks_disagree_no_rope", ["disagree on cu_seqlens"]),
+    ("thd_not_flat", ["[1, T]", "flatten"]),
+    ("thd_short_table", ["max_seqlen_q"]),
+    ("thd_hybrid", ["hybrid"]),
+    ("thd_without_options", ["RingOptions", "shard_batch"]),
+])
+def test_thd_bad_input_raises_on_every_rank(dist_pool, kind, words):
+    """Ring 2 (× dp 2): bad THD input raises ValueError on every rank (no rank left waiting in a collective)."""
+    errors = dist_pool(4).run(megatron_jobs.thd_bad_input, kind, timeout=300)
+    for rank, text in enumerate(errors):
+        assert text != "no error", f"rank {rank}: {kind} was accepted"
+        for word in words:
+            assert word in text, f"rank {rank}: {text}"
