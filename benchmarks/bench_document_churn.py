@@ -84,7 +84,8 @@ def main(argv=None) -> None:
     p.add_argument("--layout", default="contiguous")
     p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
     p.add_argument("--median", type=int, default=3500)
-    p.add_argument("--small", type=int, nargs="+", default=[schedule.SMALL_DOCUMENT, 1 << 30])
+    p.add_argument("--small", type=lambda x: None if x == "none" else int(x), nargs="+", default=[1024, None],
+                   help="small-document thresholds (ring_sp.schedule.SMALL_DOCUMENT; none: grouped unless whole)")
     p.add_argument("--backends", nargs="*", default=["sdpa_flash"],
                    help="also these block backends, every document piece a block of its own (small 0)")
     p.add_argument("--steps", type=int, default=6)

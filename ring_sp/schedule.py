@@ -25,8 +25,10 @@ FULL = Band()
 CAUSAL = Band(lo=0)
 # Documents whose part of a block is shorter than this (rows or columns) are grouped into one block
 # that the kernel masks per document; longer ones get a block of their own, computed without any
-# document mask (e.g. by cuDNN).
-SMALL_DOCUMENT = 1024
+# document mask (e.g. by cuDNN). None: every document piece is grouped unless it fills the whole
+# block, so the blocks without a mask have the shapes of whole blocks, which recur every step (new
+# shapes cost cuDNN a new execution plan each; training packs new document lengths every batch).
+SMALL_DOCUMENT: int | None = 1024
 
 
 @dataclass(frozen=True)
@@ -226,16 +228,26 @@ def _hull(base: Block, pieces: list[Block]) -> Block:
     return block
 
 
-def _group(base: Block, pieces: list[Block], small: int) -> list[Block]:
-    """Each large document piece on its own (no document mask); runs of small ones as one masked block."""
+def _grouped(piece: Block, base: Block, small: int | None) -> bool:
+    """Whether ``piece`` (one document's part of ``base``) joins a masked block with its neighbours:
+    ``small`` None: unless it fills ``base`` (a shape that recurs); else: if its rows or columns are
+    fewer than ``small``."""
+    if small is None:
+        return (piece.q_start, piece.q_stop, piece.k_start, piece.k_stop) != (
+            base.q_start, base.q_stop, base.k_start, base.k_stop)
+    return min(piece.q_stop - piece.q_start, piece.k_stop - piece.k_start) < small
+
+
+def _group(base: Block, pieces: list[Block], small: int | None) -> list[Block]:
+    """Document pieces that are not grouped get a block of their own (no document mask); runs of grouped
+    ones become one masked block."""
     out, run = [], []
     for piece in pieces + [None]:
-        is_small = piece is not None and min(piece.q_stop - piece.q_start, piece.k_stop - piece.k_start) < small
-        if is_small:
+        if piece is not None and _grouped(piece, base, small):
             run.append(piece)
             continue
         if run:
-            out.append(run[0] if len(run) == 1 else _hull(base, run))
+            out.append(_hull(base, run) if len(run) > 1 or small is None else run[0])
             run = []
         if piece is not None:
             out.append(piece)
@@ -243,7 +255,7 @@ def _group(base: Block, pieces: list[Block], small: int) -> list[Block]:
 
 
 def _segment_blocks(q: Segment, k: Segment, causal: bool, lookback: int | None, documents: Documents | None,
-                    small: int) -> list[Block]:
+                    small: int | None) -> list[Block]:
     base = _segment_block(q, k, causal, lookback)
     if base is None or documents is None:
         return [] if base is None else [base]
@@ -278,7 +290,8 @@ def _merge_full(blocks: list[Block]) -> list[Block]:
 
 
 def _position_blocks(layout: str, world: int, local_seq: int, position: int, source: int, causal: bool,
-                     lookback: int | None, documents: Documents | None, small: int) -> tuple[tuple[Block, ...], int]:
+                     lookback: int | None, documents: Documents | None, small: int | None
+                     ) -> tuple[tuple[Block, ...], int]:
     """(blocks of ``position`` against ``source``'s K/V, segment pairs with nothing visible)."""
     found, skipped = [], 0
     for q in segments(layout, position, world, local_seq):
@@ -305,13 +318,15 @@ def plan(
     lookback: int | None = None,
     reduce_col: bool = True,
     documents: Documents | None = None,
-    small_document: int = SMALL_DOCUMENT,
+    small_document: int | None = SMALL_DOCUMENT,
 ) -> Schedule:
     """The schedule of a ring of ``world`` positions, each holding ``local_seq`` tokens.
 
     ``lookback`` (needs ``causal``): key t is visible to query p only if p − t < lookback.
     ``reduce_col=False``: each position attends only to its own K/V block. ``documents``
     (from ``ring_sp.documents.check_documents``): a key is visible only inside its query's document.
+    ``small_document``: which document pieces of a block are grouped into one masked block (see
+    ``SMALL_DOCUMENT``); the rest get blocks of their own.
     """
     check_local_seq(layout, local_seq, world)
     if lookback is not None and (not causal or lookback < 1):

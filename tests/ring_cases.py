@@ -40,7 +40,7 @@ class Case:
     ring_size: int | None
     dtype: str
     documents: str | None = None  # a pattern of DOCUMENTS
-    small: int = schedule.SMALL_DOCUMENT  # the schedule's small-document threshold
+    small: int | None = schedule.SMALL_DOCUMENT  # the schedule's small-document threshold
 
     def __str__(self):
         docs = "" if self.documents is None else f" documents={self.documents} small={self.small}"
@@ -99,7 +99,7 @@ def document_cases(dtypes=("float64",), ring_sizes=(None,)) -> list[Case]:
             ("contiguous", "striped", "zigzag"), (False, True), DOCUMENTS, dtypes, ring_sizes)):
         lookback = (None, 4, None, 9)[n % 4] if causal else None
         out.append(Case(layout, causal, n % 2 == 0, n % 3 == 0, lookback, n % 5 != 4, ring_size, dtype, pattern,
-                        (1, 2, 10**6)[n % 3]))
+                        (1, 2, 10**6, None)[(n // 2) % 4]))
     return out
 
 

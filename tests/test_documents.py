@@ -24,8 +24,10 @@ def _bounds(seq: int, rng: random.Random, longest: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-# (document pattern, small-document threshold): 1 = every piece on its own, 10**6 = all grouped.
-PATTERNS = [("random", 1), ("random", 3), ("random", 10**6), ("ones", 10**6), ("whole", 3), ("per_batch", 3)]
+# (document pattern, small-document threshold): 1 = every piece on its own, 10**6 = all grouped,
+# None = grouped unless a piece fills its block.
+PATTERNS = [("random", 1), ("random", 3), ("random", 10**6), ("ones", 10**6), ("whole", 3), ("per_batch", 3),
+            ("random", None), ("whole", None)]
 SCHEDULE_CASES = [
     (layout, world, n, causal, lookback, reduce_col, small, pattern)
     for layout, world, n, (causal, lookback), reduce_col, (pattern, small) in itertools.product(
@@ -113,6 +115,22 @@ def test_blocks_inside_one_long_document_are_plain():
     plain = [(b.q_start, b.q_stop) for b in blocks if not b.documents]
     grouped = [(b.q_start, b.q_stop) for b in blocks if b.documents]
     assert plain == [(0, 40), (46, 100), (100, 128)] and grouped == [(40, 46)]
+
+
+def test_only_whole_blocks_go_unmasked_when_small_document_is_none():
+    """small_document=None: a document gets a block without a mask only where it fills the whole block, so
+    every unmasked block has a shape that recurs whatever the documents (no new cuDNN plan per batch)."""
+    docs = ((0, 40, 41, 43, 46, 100, 128),)
+    blocks = plan("contiguous", 1, 128, causal=True, documents=docs, small_document=None).steps[0][0]
+    assert all(b.documents for b in blocks) and len(blocks) == 1  # four documents, one masked block
+    whole = plan("contiguous", 1, 128, causal=True, documents=((0, 128),), small_document=None).steps[0][0]
+    assert [(b.q_start, b.q_stop, b.k_start, b.k_stop, b.documents) for b in whole] == [(0, 128, 0, 128, False)]
+    # ring of 4, a document from 20 to 100: the blocks it fills (rows and columns 32-63 and 64-95 of the
+    # sequence) are plain; its parts in the blocks it only touches are masked
+    sched = plan("contiguous", 4, 32, causal=True, documents=((0, 20, 100, 128),), small_document=None)
+    shapes = {(b.q_stop - b.q_start, b.k_stop - b.k_start) for step in sched.steps for blocks in step
+              for b in blocks if not b.documents}
+    assert shapes == {(32, 32)}, shapes
 
 
 # W = 1–4 run over gloo below (each rank also against the simulated ring); here larger rings with
