@@ -22,7 +22,7 @@ from tests import thd_batches
 from tests.megatron_jobs import (
     VOCAB,
     DenseCoreAttention,
-    _usable,
+    error_text,
     layer_spec,
     make_batches,
     make_config,
@@ -157,18 +157,12 @@ def _provoke(kind: str, rank: int) -> None:
 def guard_verdict(kind: str) -> str:
     """Run one guard case on ring 2 after ``apply()``; the error text, or "no error"."""
     rank = torch.distributed.get_rank()
-    try:
-        with megatron_parallel(1, 2):
-            megatron_lm.apply()
-            try:
-                _provoke(kind, rank)
-            except guard.RingAttentionNotApplied as error:
-                _usable()
-                return str(error)
-            return "no error"
-    finally:
-        megatron_lm.restore()
-        _usable()
+
+    def provoke(cp_group) -> None:
+        megatron_lm.apply()
+        _provoke(kind, rank)
+
+    return error_text(provoke, guard.RingAttentionNotApplied)
 
 
 def moe_layers_are_ring(use_te: bool) -> list[tuple[str, str]]:

@@ -355,20 +355,27 @@ def _usable(group=None) -> None:
     assert t.item() == dist.get_world_size(group)
 
 
+def error_text(provoke, error: type[BaseException] = ValueError) -> str:
+    """Run ``provoke(cp_group)`` on tensor-parallel 1 × ring 2 (× data-parallel replicas): the text of the
+    ``error`` it raises, or "no error"; afterwards Megatron-LM's functions are restored and the ring is
+    checked to be usable (no rank left waiting in a collective)."""
+    try:
+        with megatron_parallel(1, 2):
+            try:
+                provoke(parallel_state.get_context_parallel_group())
+            except error as raised:
+                _usable()
+                return str(raised)
+            return "no error"
+    finally:
+        megatron_lm.restore()
+        _usable()
+
+
 def bad_input(kind: str) -> str:
     """Provoke one kind of bad input on a tensor-parallel 1 × ring 2 model; returns the error text."""
     rank = dist.get_rank()
-    try:
-        with megatron_parallel(1, 2):
-            cp_group = parallel_state.get_context_parallel_group()
-            try:
-                _provoke(kind, rank, cp_group)
-            except ValueError as error:
-                _usable()
-                return str(error)
-            return "no error"
-    finally:
-        _usable()
+    return error_text(lambda cp_group: _provoke(kind, rank, cp_group))
 
 
 def _provoke(kind: str, rank: int, cp_group) -> None:
@@ -487,18 +494,7 @@ def agreement_exchanges_per_forward() -> int:
 
 def thd_bad_input(kind: str) -> str:
     """Provoke one kind of bad THD input on tensor-parallel 1 × ring 2 (× data-parallel replicas); the error text."""
-    try:
-        with megatron_parallel(1, 2):
-            cp_group = parallel_state.get_context_parallel_group()
-            try:
-                _provoke_thd(kind, dist.get_rank(cp_group), cp_group)
-            except ValueError as error:
-                _usable()
-                return str(error)
-            return "no error"
-    finally:
-        megatron_lm.restore()
-        _usable()
+    return error_text(lambda cp_group: _provoke_thd(kind, dist.get_rank(cp_group), cp_group))
 
 
 def _provoke_thd(kind: str, cp_rank: int, cp_group) -> None:
