@@ -23,12 +23,13 @@ from ring_sp.layout import Segment, check_local_seq, segments
 
 FULL = Band()
 CAUSAL = Band(lo=0)
-# Documents whose part of a block is shorter than this (rows or columns) are grouped into one block
-# that the kernel masks per document; longer ones get a block of their own, computed without any
-# document mask (e.g. by cuDNN). None: every document piece is grouped unless it fills the whole
-# block, so the blocks without a mask have the shapes of whole blocks, which recur every step (new
-# shapes cost cuDNN a new execution plan each; training packs new document lengths every batch).
-SMALL_DOCUMENT: int | None = 1024
+# Which documents' parts of a block get a block of their own, computed without a document mask (by
+# cuDNN); the others are grouped into one block that the Triton kernel masks per document.
+# None (the default): only a document that fills the whole block, so unmasked blocks have the shapes of
+# whole blocks, which recur every step. PyTorch keys cuDNN's execution plans on exact sequence lengths
+# and builds new ones for every new shape, and training packs new document lengths into every batch.
+# An int n: every part at least n rows and n columns long (faster only while the documents repeat).
+SMALL_DOCUMENT: int | None = None
 
 
 @dataclass(frozen=True)
