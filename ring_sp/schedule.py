@@ -221,10 +221,20 @@ def _document_pieces(q: Segment, k: Segment, base: Block, bounds: tuple[int, ...
     return pieces
 
 
-def _hull(base: Block, pieces: list[Block]) -> Block:
-    """One block over ``pieces`` (of several documents), masked by document in the kernel."""
-    block = _sub_block(base, min(p.q_start for p in pieces), max(p.q_stop for p in pieces),
-                       min(p.k_start for p in pieces), max(p.k_stop for p in pieces), documents=True)
+# With SMALL_DOCUMENT None a masked block starts and ends on multiples of this many local rows and
+# columns (within its segment pair): Triton compiles a kernel variant per alignment of its pointer and
+# length arguments, and new documents every batch would otherwise meet new variants (seen: 12x slower).
+ALIGN = 16
+
+
+def _hull(base: Block, pieces: list[Block], align: int = 1) -> Block:
+    """One block over ``pieces`` (of several documents), masked by document in the kernel; its edges
+    rounded outwards to multiples of ``align`` inside ``base`` (only where no other block shares ``base``)."""
+    q0, q1 = min(p.q_start for p in pieces), max(p.q_stop for p in pieces)
+    k0, k1 = min(p.k_start for p in pieces), max(p.k_stop for p in pieces)
+    q0, k0 = max(base.q_start, q0 - q0 % align), max(base.k_start, k0 - k0 % align)
+    q1, k1 = min(base.q_stop, -(-q1 // align) * align), min(base.k_stop, -(-k1 // align) * align)
+    block = _sub_block(base, q0, q1, k0, k1, documents=True)
     assert block is not None
     return block
 
@@ -248,7 +258,10 @@ def _group(base: Block, pieces: list[Block], small: int | None) -> list[Block]:
             run.append(piece)
             continue
         if run:
-            out.append(_hull(base, run) if len(run) > 1 or small is None else run[0])
+            if small is None:  # every piece is in the run: the only block of base
+                out.append(_hull(base, run, ALIGN))
+            else:
+                out.append(_hull(base, run) if len(run) > 1 else run[0])
             run = []
         if piece is not None:
             out.append(piece)

@@ -103,7 +103,14 @@ def test_documents_inside_shards_need_no_communication():
     crossing = (0, 5, 14, 20, 24, 30, 36, 48)
     sched = plan("contiguous", world, n, causal=True, documents=(crossing,))
     assert sched.offsets == (0, 1) and sched.counts.transfers == 1
-    assert sched.columns(1, 1) == (5, 12)  # position 1 needs columns 5–11 of position 0 (document 5–14)
+    # position 1 needs columns 5–11 of position 0 (document 5–14); by default the masked block's edges
+    # are rounded to multiples of schedule.ALIGN (16), so columns 0–11 travel
+    assert sched.columns(1, 1) == (0, 12)
+    exact = plan("contiguous", world, n, causal=True, documents=(crossing,), small_document=4)
+    assert exact.columns(1, 1) == (5, 12)
+    wide = plan("contiguous", 4, 64, causal=True, documents=((0, 100, 140, 256),))
+    # document 100–140 runs from position 1 into 2: columns 36–63 of position 1, rounded out to 32–63
+    assert wide.columns(1, 2) == (32, 64)
 
 
 def test_blocks_inside_one_long_document_are_plain():
