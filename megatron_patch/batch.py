@@ -11,9 +11,6 @@ from megatron_patch.packed import PACKED_KEYS, is_packed, shard_packed
 from ring_sp import local_positions
 from ring_sp.layout import check_seq_len
 
-# Per-batch metadata that Megatron-LM keeps whole (as its own split does).
-METADATA_KEYS = PACKED_KEYS
-
 
 def _group_size_rank(cp_group) -> tuple[int, int]:
     cp_group = cp_group if cp_group is not None else context_parallel_group(required=False)
@@ -25,7 +22,7 @@ def shard_batch(batch: dict, layout: str, cp_group=None, *, documents=None) -> d
 
     Tensors are sharded along dim 1 (tokens, labels, loss_mask, position_ids: [batch, seq]),
     ``attention_mask`` along dim 2 (its query rows: [batch, 1, seq, seq]); None values,
-    non-tensors, document masks and ``METADATA_KEYS`` pass through. ``cp_group``: the ring (default:
+    non-tensors, document masks and ``PACKED_KEYS`` pass through. ``cp_group``: the ring (default:
     Megatron's context-parallel group). ``documents``: packed sequences, the boundaries
     ``[0, e1, ..., seq]`` of the whole sequences (one list, or one per sequence; see
     ``ring_sp.ring_attention``'s ``cu_seqlens``): the result's ``attention_mask`` becomes their
@@ -50,7 +47,7 @@ def shard_batch(batch: dict, layout: str, cp_group=None, *, documents=None) -> d
         batch = dict(batch, attention_mask=document_mask(documents, *tokens.shape))
     size, rank = _group_size_rank(cp_group)
     dims = {key: (2 if key == "attention_mask" else 1) for key, val in batch.items()
-            if isinstance(val, Tensor) and key not in METADATA_KEYS and not is_document_mask(val)}
+            if isinstance(val, Tensor) and key not in PACKED_KEYS and not is_document_mask(val)}
     for key, dim in dims.items():
         val = batch[key]
         if val.dim() <= dim:
