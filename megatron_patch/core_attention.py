@@ -198,7 +198,7 @@ class RingCoreAttention(MegatronModule):
             why = ("THD packed sequences with context parallelism > 1: this megatron-core has no "
                    f"{packed_rope.ATTENTION}.apply_rotary_pos_emb to make RoPE follow the ring's split")
         if self._agrees():
-            self._agree(why is None, query.device, "packed_seq_params that ring attention refuses")
+            self._agree(why is None, query.device, "packed_seq_params that ring attention refuses", fix="")
         if why is not None:
             raise ValueError(why)
         if self.ring_size > 1:
@@ -266,12 +266,12 @@ class RingCoreAttention(MegatronModule):
                 visible &= rows[:, None] - keys[None, :] < self.lookback
         return bool((mask == ~visible).all())
 
-    def _agree(self, ok: bool, device, what: str = "an attention_mask that ring attention cannot honour") -> None:
+    def _agree(self, ok: bool, device, what: str = "an attention_mask that ring attention cannot honour",
+               fix: str = ": pass attention_mask=None") -> None:
         if self.group is None or self.ring_size == 1:
             return
         on_gpu = dist.get_backend(self.group) == "nccl"
         flag = torch.tensor([int(ok)], device=device if on_gpu else "cpu")
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.group)
         if not flag.item() and ok:
-            raise ValueError(f"another rank of the context-parallel group got {what} (its error says why)"
-                             + (": pass attention_mask=None" if "attention_mask" in what else ""))
+            raise ValueError(f"another rank of the context-parallel group got {what} (its error says why){fix}")

@@ -139,10 +139,6 @@ def _wrap_attention_init(original):
     return __init__
 
 
-_HYBRID = ("hybrid context parallelism (--hybrid-context-parallel: per-sample context-parallel groups) is not "
-           "supported by ring attention: drop it")
-
-
 def _arguments(signature: inspect.Signature, *args, **kwargs) -> dict:
     """The call's arguments by name (empty if they do not fit the signature: the original will say why)."""
     try:
@@ -161,7 +157,8 @@ def _wrap_batch_split(original):
             return original(batch, *args, **kwargs)
         guard.mark_data_split()
         if _arguments(signature, batch, *args, **kwargs).get("is_hybrid_cp"):
-            raise ValueError(_HYBRID)
+            raise ValueError("hybrid context parallelism (--hybrid-context-parallel: per-sample context-parallel "
+                             "groups) is not supported by ring attention: drop it")
         group = kwargs.get("cp_group")
         if group is None:
             group = next((a for a in args if isinstance(a, dist.ProcessGroup)), None)
