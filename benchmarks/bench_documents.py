@@ -105,6 +105,11 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, small: 
     return row
 
 
+def small_threshold(text: str) -> int | None:
+    """A ``--small`` value: an int, or ``none`` (``ring_sp.schedule.SMALL_DOCUMENT = None``)."""
+    return None if text.lower() == "none" else int(text)
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq", type=int, default=131072)
@@ -113,7 +118,7 @@ def main(argv=None) -> None:
     p.add_argument("--long", type=int, nargs="*", default=[32768, 40960])
     p.add_argument("--dense-seq", type=int, default=32768)
     p.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag", "striped"])
-    p.add_argument("--small", type=int, nargs="+", default=[schedule.SMALL_DOCUMENT],
+    p.add_argument("--small", type=small_threshold, nargs="+", default=[schedule.SMALL_DOCUMENT],
                    help="small-document thresholds to try (the first layout only gets all of them)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
