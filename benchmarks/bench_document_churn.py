@@ -7,8 +7,9 @@ per shape (cuDNN's execution plans, Triton's compiled variants) is built once an
 every batch packs different documents. This script runs ``--steps`` forward+backward passes of the
 simulated ring, each on its own document lengths (Megatron-LM's mock data: uniform in [1, 4096), or
 log-normal with ``--median``), then the same passes again ("the same again": the same work, with every
-plan and compiled variant the first pass built already cached), for each ``--small`` threshold
-(documents shorter go to the grouped Triton block; longer ones to cuDNN). Also
+plan and compiled variant the first pass built already cached), for each ``--grid``
+(``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the rest to Triton's masked
+blocks). Also
 PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step.
 """
 
@@ -22,7 +23,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, small_threshold, useful_flops  # noqa: E402
+from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, grid_value, useful_flops  # noqa: E402
 from benchmarks.common import env_line, environment, randn, table, write_results  # noqa: E402
 from ring_sp import ring_attention_simulated, schedule, split  # noqa: E402
 
@@ -85,17 +86,18 @@ def main(argv=None) -> None:
     p.add_argument("--layout", default="contiguous")
     p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
     p.add_argument("--median", type=int, default=3500)
-    p.add_argument("--small", type=small_threshold, nargs="+", default=[1024, None],
-                   help="small-document thresholds (ring_sp.schedule.SMALL_DOCUMENT; none: grouped unless whole)")
+    p.add_argument("--grid", type=grid_value, nargs="+", default=[1024, None],
+                   help="document grids (ring_sp.schedule.DOCUMENT_GRID; none: unmasked only where a document "
+                   "fills a whole block)")
     p.add_argument("--backends", nargs="*", default=["sdpa_flash"],
-                   help="also these block backends, every document piece a block of its own (small 0)")
+                   help="also these block backends, every document piece a block of its own (grid 1)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--no-varlen", action="store_true", help="leave out PyTorch's varlen_attn row")
     p.add_argument("--out", default=None)
     opts = p.parse_args(argv)
     env = environment()
     rows, header = [], ["seq", "W", "run", "documents", "ms/step", "TFLOP/s (f+b, useful)"]
-    default_small = schedule.SMALL_DOCUMENT
+    default_grid = schedule.DOCUMENT_GRID
     for seq, world in zip(opts.seq, opts.world):
         make = (lambda s: uniform_lengths(seq, s)) if opts.lengths == "uniform" else (
             lambda s: document_lengths(seq, opts.median, [], s))
@@ -103,17 +105,17 @@ def main(argv=None) -> None:
         flops = sum(useful_flops([b - a for a, b in zip(cu, cu[1:])], True) for cu in fresh[1:]) / opts.steps
         q, do = randn(1, seq, HEADS, HEAD_DIM), randn(1, seq, HEADS, HEAD_DIM)
         k, v = randn(1, seq, KV_HEADS, HEAD_DIM), randn(1, seq, KV_HEADS, HEAD_DIM)
-        runs = [(f"ring {opts.layout}, auto, small {small}", small, "auto") for small in opts.small]
-        runs += [(f"ring {opts.layout}, {backend}, every document its own block", 0, backend)
+        runs = [(f"ring {opts.layout}, auto, grid {grid}", grid, "auto") for grid in opts.grid]
+        runs += [(f"ring {opts.layout}, {backend}, every document its own block", 1, backend)
                  for backend in opts.backends]
-        for name, small, backend in runs:
-            schedule.SMALL_DOCUMENT = small
+        for name, grid, backend in runs:
+            schedule.DOCUMENT_GRID = grid
             step = lambda cu: ring_step(q, k, v, do, world, opts.layout, cu, backend)  # noqa: E731
             for label, docs in (("fresh each step", fresh), ("the same again", fresh)):
                 ms = timed(step, docs)
                 rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9))
                 print(rows[-1], flush=True)
-        schedule.SMALL_DOCUMENT = default_small
+        schedule.DOCUMENT_GRID = default_grid
         if opts.no_varlen:
             continue
         ms = timed(lambda cu: varlen_step(q, k, v, do, cu), fresh)

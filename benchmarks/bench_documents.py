@@ -8,7 +8,8 @@ ones (``--long``), causal, bf16, 32/8 heads, head_dim 128. Rates count useful FL
 causal pairs inside each document, 4·heads·head_dim per pair forward, 3.5× that forward+backward.
 Rows: PyTorch's ``varlen_attn`` (flash-attention 2) on the packed sequence; cuDNN's causal SDPA on
 one dense ``--dense-seq`` sequence (no documents: its rate is the anchor); the ring with documents
-for each layout (and small-document thresholds); the same ring without documents (wall time).
+for each layout (and document grids, ``ring_sp.schedule.DOCUMENT_GRID``); the same ring without documents
+(wall time).
 Prints a table, writes results.json, results.md and results.png under --out.
 """
 
@@ -82,8 +83,8 @@ def dense_row(seq: int) -> dict:
                 flops=useful_flops([seq], False))
 
 
-def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, small: int) -> dict:
-    schedule.SMALL_DOCUMENT = small
+def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: int | None) -> dict:
+    schedule.DOCUMENT_GRID = grid
     qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
     qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
 
@@ -96,17 +97,17 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, small: 
 
     t_f, t_fb = _time(fwd, fwd_bwd)
     sched = schedule.plan(layout, world, q.shape[1] // world, causal=True,
-                          documents=None if cu is None else (tuple(cu),), small_document=small)
+                          documents=None if cu is None else (tuple(cu),), document_grid=grid)
     docs = "documents" if cu is not None else "no documents"
-    row = dict(kind=f"ring W={world} {layout}, {docs}" + (f", small {small}" if cu is not None else ""),
+    row = dict(kind=f"ring W={world} {layout}, {docs}" + (f", grid {grid}" if cu is not None else ""),
                fwd_ms=t_f, fwd_bwd_ms=t_fb, counts=vars(sched.counts))
     if cu is not None:
         row["out"] = merge(fwd(), layout)
     return row
 
 
-def small_threshold(text: str) -> int | None:
-    """A ``--small`` value: an int, or ``none`` (``ring_sp.schedule.SMALL_DOCUMENT = None``)."""
+def grid_value(text: str) -> int | None:
+    """A ``--grid`` value: an int, or ``none`` (``ring_sp.schedule.DOCUMENT_GRID = None``)."""
     return None if text.lower() == "none" else int(text)
 
 
@@ -118,8 +119,8 @@ def main(argv=None) -> None:
     p.add_argument("--long", type=int, nargs="*", default=[32768, 40960])
     p.add_argument("--dense-seq", type=int, default=32768)
     p.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag", "striped"])
-    p.add_argument("--small", type=small_threshold, nargs="+", default=[schedule.SMALL_DOCUMENT],
-                   help="small-document thresholds to try (the first layout only gets all of them)")
+    p.add_argument("--grid", type=grid_value, nargs="+", default=[schedule.DOCUMENT_GRID],
+                   help="document grids to try (the first layout only gets all of them; none: whole blocks only)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = environment()
@@ -136,15 +137,15 @@ def main(argv=None) -> None:
     var = varlen_row(q[0], k[0], v[0], do[0], cu_t, max(lengths))
     reference = var.pop("out")
     rows.append(var)
-    default_small = schedule.SMALL_DOCUMENT
+    default_grid = schedule.DOCUMENT_GRID
     for n, layout in enumerate(args.layouts):
-        for small in (args.small if n == 0 else args.small[:1]):
-            row = ring_row(q, k, v, do, args.world, layout, cu, small)
+        for grid in (args.grid if n == 0 else args.grid[:1]):
+            row = ring_row(q, k, v, do, args.world, layout, cu, grid)
             row["error_vs_varlen"] = rel_err(row.pop("out")[0], reference)
             rows.append(row)
             print(row, flush=True)
-    schedule.SMALL_DOCUMENT = default_small
-    rows.append(ring_row(q, k, v, do, args.world, args.layouts[0], None, default_small))
+    schedule.DOCUMENT_GRID = default_grid
+    rows.append(ring_row(q, k, v, do, args.world, args.layouts[0], None, default_grid))
     for row in rows:
         f_fwd, f_fb = docs_flops
         if "flops" in row:

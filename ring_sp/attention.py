@@ -55,7 +55,7 @@ def _scale(opts: RingOptions, head_dim: int) -> float:
 
 def _plan(opts: RingOptions, documents: Documents | None, world: int, local_seq: int) -> Schedule:
     return schedules.plan(opts.layout, world, local_seq, causal=opts.causal, lookback=opts.max_lookback,
-                          reduce_col=opts.reduce_col, documents=documents, small_document=schedules.SMALL_DOCUMENT)
+                          reduce_col=opts.reduce_col, documents=documents, document_grid=schedules.DOCUMENT_GRID)
 
 
 def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:

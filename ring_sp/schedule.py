@@ -23,13 +23,13 @@ from ring_sp.layout import Segment, check_local_seq, segments
 
 FULL = Band()
 CAUSAL = Band(lo=0)
-# Which documents' parts of a block get a block of their own, computed without a document mask (by
-# cuDNN); the others are grouped into one block that the Triton kernel masks per document.
-# None (the default): only a document that fills the whole block, so unmasked blocks have the shapes of
-# whole blocks, which recur every step. PyTorch keys cuDNN's execution plans on exact sequence lengths
-# and builds new ones for every new shape, and training packs new document lengths into every batch.
-# An int n: every part at least n rows and n columns long (faster only while the documents repeat).
-SMALL_DOCUMENT: int | None = None
+# Inside one document a block needs no document mask, and cuDNN computes it fastest. But PyTorch keys
+# cuDNN's execution plans on exact lengths and builds new ones for every new shape, and training packs new
+# document lengths into every batch. So a document's part of a block goes unmasked only on a grid: its rows
+# and columns cut at multiples of DOCUMENT_GRID local indices (and at the block's own edges), which gives
+# shapes from a small set that recurs every step. The rest of the part, off the grid, joins its neighbours
+# in blocks masked by document (Triton). None: a document goes unmasked only where it fills a whole block.
+DOCUMENT_GRID: int | None = 4096
 
 
 @dataclass(frozen=True)
@@ -221,63 +221,80 @@ def _document_pieces(q: Segment, k: Segment, base: Block, bounds: tuple[int, ...
     return pieces
 
 
-# With SMALL_DOCUMENT None a masked block starts and ends on multiples of this many local rows and
-# columns (within its segment pair): Triton compiles a kernel variant per alignment of its pointer and
-# length arguments, and new documents every batch would otherwise meet new variants (seen: 12x slower).
+# A masked block starts and ends on multiples of this many local rows and columns where its neighbours
+# allow: Triton specialises kernels on the divisibility of lengths and pointers by 16, and new documents
+# every batch would otherwise meet new variants (seen: 12x slower).
 ALIGN = 16
 
 
-def _hull(base: Block, pieces: list[Block], align: int = 1) -> Block:
-    """One block over ``pieces`` (of several documents), masked by document in the kernel; its edges
-    rounded outwards to multiples of ``align`` inside ``base`` (only where no other block shares ``base``)."""
+def _last_column(block: Block) -> int:
+    """One past the last column that any row of ``block`` sees (a causal block keeps its full width)."""
+    if block.band.lo is None:
+        return block.k_stop
+    return min(block.k_stop, block.k_start + block.q_stop - block.q_start - block.band.lo)
+
+
+def _hull(base: Block, pieces: list[Block], rows: tuple[int, int]) -> Block:
+    """One block over ``pieces`` (of several documents), masked by document in the kernel; its edges rounded
+    outwards to multiples of ``ALIGN``, its rows inside ``rows`` (those no other block of ``base`` computes)."""
     q0, q1 = min(p.q_start for p in pieces), max(p.q_stop for p in pieces)
-    k0, k1 = min(p.k_start for p in pieces), max(p.k_stop for p in pieces)
-    q0, k0 = max(base.q_start, q0 - q0 % align), max(base.k_start, k0 - k0 % align)
-    q1, k1 = min(base.q_stop, -(-q1 // align) * align), min(base.k_stop, -(-k1 // align) * align)
+    k0, k1 = min(p.k_start for p in pieces), max(_last_column(p) for p in pieces)
+    q0, k0 = max(rows[0], q0 - q0 % ALIGN), max(base.k_start, k0 - k0 % ALIGN)
+    q1, k1 = min(rows[1], -(-q1 // ALIGN) * ALIGN), min(base.k_stop, -(-k1 // ALIGN) * ALIGN)
     block = _sub_block(base, q0, q1, k0, k1, documents=True)
     assert block is not None
     return block
 
 
-def _grouped(piece: Block, base: Block, small: int | None) -> bool:
-    """Whether ``piece`` (one document's part of ``base``) joins a masked block with its neighbours:
-    ``small`` None: unless it fills ``base`` (a shape that recurs); else: if its rows or columns are
-    fewer than ``small``."""
-    if small is None:
-        return (piece.q_start, piece.q_stop, piece.k_start, piece.k_stop) != (
-            base.q_start, base.q_stop, base.k_start, base.k_stop)
-    return min(piece.q_stop - piece.q_start, piece.k_stop - piece.k_start) < small
+def _on_grid(start: int, stop: int, edge0: int, edge1: int, grid: int | None) -> tuple[int, int]:
+    """The longest [a, b) inside [start, stop) whose ends are grid points: multiples of ``grid`` or the
+    block's edges ``edge0``, ``edge1`` (``grid`` None: the edges only). Empty (a >= b) if there is none."""
+    a = start if start == edge0 else -(-start // grid) * grid if grid else edge1
+    b = stop if stop == edge1 else stop // grid * grid if grid else edge0
+    return a, b
 
 
-def _group(base: Block, pieces: list[Block], small: int | None) -> list[Block]:
-    """Document pieces that are not grouped get a block of their own (no document mask); runs of grouped
-    ones become one masked block."""
-    out, run = [], []
-    for piece in pieces + [None]:
-        if piece is not None and _grouped(piece, base, small):
+def _group(base: Block, pieces: list[Block], grid: int | None) -> list[Block]:
+    """The blocks of ``base`` for its document ``pieces`` (in document order, so in row order). Each piece's
+    part on the grid gets an unmasked block; the columns beside it in the same rows, a masked block each;
+    its rows above and below, with the neighbouring documents' pieces, one masked block per run."""
+    out, run, free = [], [], base.q_start  # free: the first row no unmasked part has claimed
+
+    def close(stop: int) -> None:
+        if run:
+            out.append(_hull(base, run, (free, stop)))
+            run.clear()
+
+    for piece in pieces:
+        a, b = _on_grid(piece.q_start, piece.q_stop, base.q_start, base.q_stop, grid)
+        c, d = _on_grid(piece.k_start, piece.k_stop, base.k_start, base.k_stop, grid)
+        core = _sub_block(piece, a, b, c, d) if a < b and c < d else None
+        if core is None:
             run.append(piece)
             continue
-        if run:
-            if small is None:  # every piece is in the run: the only block of base
-                out.append(_hull(base, run, ALIGN))
-            else:
-                out.append(_hull(base, run) if len(run) > 1 else run[0])
-            run = []
-        if piece is not None:
-            out.append(piece)
+        above = _sub_block(piece, piece.q_start, a, piece.k_start, piece.k_stop) if piece.q_start < a else None
+        run += [above] if above else []
+        close(a)
+        sides = [_sub_block(piece, a, b, c0, c1, documents=True) if c0 < c1 else None
+                 for c0, c1 in ((piece.k_start, c), (d, piece.k_stop))]
+        out += [core, *(side for side in sides if side)]
+        free = b
+        below = _sub_block(piece, b, piece.q_stop, piece.k_start, piece.k_stop) if b < piece.q_stop else None
+        run += [below] if below else []
+    close(base.q_stop)
     return out
 
 
 def _segment_blocks(q: Segment, k: Segment, causal: bool, lookback: int | None, documents: Documents | None,
-                    small: int | None) -> list[Block]:
+                    grid: int | None) -> list[Block]:
     base = _segment_block(q, k, causal, lookback)
     if base is None or documents is None:
         return [] if base is None else [base]
     per_element = [_document_pieces(q, k, base, bounds) for bounds in documents]
     if len(documents) == 1:
-        return _group(base, per_element[0], small)
+        return _group(base, per_element[0], grid)
     pieces = [p for ps in per_element for p in ps]  # boundaries differ across the batch: one masked block
-    return [_hull(base, pieces)] if pieces else []
+    return [_hull(base, pieces, (base.q_start, base.q_stop))] if pieces else []
 
 
 def _merge_full(blocks: list[Block]) -> list[Block]:
@@ -304,13 +321,13 @@ def _merge_full(blocks: list[Block]) -> list[Block]:
 
 
 def _position_blocks(layout: str, world: int, local_seq: int, position: int, source: int, causal: bool,
-                     lookback: int | None, documents: Documents | None, small: int | None
+                     lookback: int | None, documents: Documents | None, grid: int | None
                      ) -> tuple[tuple[Block, ...], int]:
     """(blocks of ``position`` against ``source``'s K/V, segment pairs with nothing visible)."""
     found, skipped = [], 0
     for q in segments(layout, position, world, local_seq):
         for k in segments(layout, source, world, local_seq):
-            blocks = _segment_blocks(q, k, causal, lookback, documents, small)
+            blocks = _segment_blocks(q, k, causal, lookback, documents, grid)
             skipped += not blocks
             found += blocks
     if documents is None and not causal:
@@ -332,17 +349,18 @@ def plan(
     lookback: int | None = None,
     reduce_col: bool = True,
     documents: Documents | None = None,
-    small_document: int | None = SMALL_DOCUMENT,
+    document_grid: int | None = DOCUMENT_GRID,
 ) -> Schedule:
     """The schedule of a ring of ``world`` positions, each holding ``local_seq`` tokens.
 
     ``lookback`` (needs ``causal``): key t is visible to query p only if p − t < lookback.
     ``reduce_col=False``: each position attends only to its own K/V block. ``documents``
     (from ``ring_sp.documents.check_documents``): a key is visible only inside its query's document.
-    ``small_document``: which document pieces of a block are grouped into one masked block (see
-    ``SMALL_DOCUMENT``); the rest get blocks of their own.
+    ``document_grid``: where a document's part of a block is cut for an unmasked block (see ``DOCUMENT_GRID``).
     """
     check_local_seq(layout, local_seq, world)
+    if document_grid is not None and (not isinstance(document_grid, int) or document_grid < 1):
+        raise ValueError(f"document_grid={document_grid!r}: use a positive number of rows, or None for whole blocks")
     if lookback is not None and (not causal or lookback < 1):
         raise ValueError("lookback needs causal=True and a value of at least 1")
     candidates = world if reduce_col else 1
@@ -351,7 +369,7 @@ def plan(
         step = []
         for r in range(world):
             blocks, n = _position_blocks(layout, world, local_seq, r, (r - offset) % world, causal, lookback,
-                                         documents, small_document)
+                                         documents, document_grid)
             step.append(blocks)
             skipped += n
         if offset == 0 or any(step):

@@ -40,10 +40,10 @@ class Case:
     ring_size: int | None
     dtype: str
     documents: str | None = None  # a pattern of DOCUMENTS
-    small: int | None = schedule.SMALL_DOCUMENT  # the schedule's small-document threshold
+    grid: int | None = schedule.DOCUMENT_GRID  # the schedule's document grid
 
     def __str__(self):
-        docs = "" if self.documents is None else f" documents={self.documents} small={self.small}"
+        docs = "" if self.documents is None else f" documents={self.documents} grid={self.grid}"
         return (f"{self.layout} causal={self.causal} mask={self.masked} gqa={self.gqa} lookback={self.lookback} "
                 f"reduce_col={self.reduce_col} ring_size={self.ring_size} {self.dtype}{docs}")
 
@@ -93,7 +93,7 @@ def cu_seqlens(pattern: str | None, seq: int, seed: int):
 
 def document_cases(dtypes=("float64",), ring_sizes=(None,)) -> list[Case]:
     """Documents with every layout, causal or not, each pattern; masks, GQA, windows, local attention and
-    the small-document threshold rotate over the cases (all of them, not their product)."""
+    the document grid rotate over the cases (all of them, not their product)."""
     out = []
     for n, (layout, causal, pattern, dtype, ring_size) in enumerate(itertools.product(
             ("contiguous", "striped", "zigzag"), (False, True), DOCUMENTS, dtypes, ring_sizes)):
@@ -155,7 +155,7 @@ def _shards(case: Case, world: int, tensors):
 
 def _simulated(case: Case, world: int, inputs, backend: str = "auto", seed: int = 0):
     """out, dq, dk, dv of every position, from the simulated ring."""
-    schedule.SMALL_DOCUMENT = case.small
+    schedule.DOCUMENT_GRID = case.grid
     q, k, v, mask, do = inputs
     qs, ks, vs, ms, dos = _shards(case, world, inputs)
     qs = [t.clone().requires_grad_() for t in qs]
@@ -214,7 +214,7 @@ def run_distributed(case_list: list[Case]) -> list[tuple[str, list[float], list[
         size = case.ring_size or world
         ring, position = rank // size, rank % size
         seed = 1000 * ring + 7
-        schedule.SMALL_DOCUMENT = case.small
+        schedule.DOCUMENT_GRID = case.grid
         inputs, ref, own = ring_problem(case, size, seed=seed)
         mine = [None if s is None else s[position] for s in _shards(case, size, inputs)]
         q, k, v, mask, do = mine

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from ring_sp import document_positions, local_positions, ring_attention, ring_attention_simulated, split
+from ring_sp import document_positions, local_positions, ring_attention, ring_attention_simulated, schedule, split
 from ring_sp.comm import SimulatedRing
 from ring_sp.documents import check_documents
 from ring_sp.layout import LAYOUTS, segments
@@ -24,21 +24,21 @@ def _bounds(seq: int, rng: random.Random, longest: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-# (document pattern, small-document threshold): 1 = every piece on its own, 10**6 = all grouped,
-# None = grouped unless a piece fills its block.
+# (document pattern, document grid): 1 = every piece unmasked on its own, 10**6 = all grouped (only the
+# block's edges are on the grid), None = grouped unless a piece fills its block.
 PATTERNS = [("random", 1), ("random", 3), ("random", 10**6), ("ones", 10**6), ("whole", 3), ("per_batch", 3),
             ("random", None), ("whole", None)]
 SCHEDULE_CASES = [
-    (layout, world, n, causal, lookback, reduce_col, small, pattern)
-    for layout, world, n, (causal, lookback), reduce_col, (pattern, small) in itertools.product(
+    (layout, world, n, causal, lookback, reduce_col, grid, pattern)
+    for layout, world, n, (causal, lookback), reduce_col, (pattern, grid) in itertools.product(
         LAYOUTS, [1, 2, 3, 5], [2, 6], [(False, None), (True, None), (True, 3)], [True, False], PATTERNS)
 ]
 
 
-@pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col,small,pattern", SCHEDULE_CASES)
-def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, lookback, reduce_col, small, pattern):
+@pytest.mark.parametrize("layout,world,n,causal,lookback,reduce_col,grid,pattern", SCHEDULE_CASES)
+def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, lookback, reduce_col, grid, pattern):
     seq = world * n
-    rng = random.Random(hash((layout, world, n, causal, lookback, reduce_col, small, pattern)) % 2**32)
+    rng = random.Random(hash((layout, world, n, causal, lookback, reduce_col, grid, pattern)) % 2**32)
     if pattern == "random":
         docs = (_bounds(seq, rng, 4),)
     elif pattern == "ones":
@@ -48,7 +48,7 @@ def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, loo
     else:
         docs = (_bounds(seq, rng, 5), _bounds(seq, rng, 3))
     sched = plan(layout, world, n, causal=causal, lookback=lookback, reduce_col=reduce_col, documents=docs,
-                 small_document=small)
+                 document_grid=grid)
     counts, ids = cell_counts(sched, layout, world, n, docs)
     for e, doc in enumerate(ids):
         for r in range(world):
@@ -75,7 +75,7 @@ def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, loo
     assert c.blocks == sum(len(b) for step in sched.steps for b in step)
     for step in sched.steps:
         assert all(blk.area > 0 for blocks in step for blk in blocks)
-    if small == 1 and len(docs) == 1:  # nothing is small: a block per document piece, none masked by document
+    if grid == 1 and len(docs) == 1:  # every piece is on the grid: a block per piece, none masked by document
         assert not any(blk.documents for step in sched.steps for blocks in step for blk in blocks)
 
 
@@ -106,35 +106,48 @@ def test_documents_inside_shards_need_no_communication():
     # position 1 needs columns 5–11 of position 0 (document 5–14); by default the masked block's edges
     # are rounded to multiples of schedule.ALIGN (16), so columns 0–11 travel
     assert sched.columns(1, 1) == (0, 12)
-    exact = plan("contiguous", world, n, causal=True, documents=(crossing,), small_document=4)
+    exact = plan("contiguous", world, n, causal=True, documents=(crossing,), document_grid=1)
     assert exact.columns(1, 1) == (5, 12)
     wide = plan("contiguous", 4, 64, causal=True, documents=((0, 100, 140, 256),))
     # document 100–140 runs from position 1 into 2: columns 36–63 of position 1, rounded out to 32–63
     assert wide.columns(1, 2) == (32, 64)
 
 
-def test_blocks_inside_one_long_document_are_plain():
-    """Long documents get blocks of their own without a document mask (cuDNN can take them); short ones
-    are grouped into one masked block."""
+def test_long_documents_go_unmasked_on_the_grid():
+    """A document's part on the grid (multiples of document_grid, and the block's edges) gets an unmasked
+    block (cuDNN can take it, and its shape recurs whatever the documents); the columns beside it in the same
+    rows are masked blocks; its rows off the grid join the short documents' masked blocks."""
     docs = ((0, 40, 41, 43, 46, 100, 128),)
-    sched = plan("contiguous", 1, 128, causal=True, documents=docs, small_document=16)
-    blocks = sched.steps[0][0]
-    plain = [(b.q_start, b.q_stop) for b in blocks if not b.documents]
-    grouped = [(b.q_start, b.q_stop) for b in blocks if b.documents]
-    assert plain == [(0, 40), (46, 100), (100, 128)] and grouped == [(40, 46)]
+    blocks = plan("contiguous", 1, 128, causal=True, documents=docs, document_grid=16).steps[0][0]
+    plain = sorted((b.q_start, b.q_stop, b.k_start, b.k_stop) for b in blocks if not b.documents)
+    assert plain == [(0, 32, 0, 32), (48, 96, 48, 96), (112, 128, 112, 128)]
+    assert all(b.band.lo == 0 and b.band.hi is None for b in blocks if not b.documents)  # causal squares
+    masked = sorted((b.q_start, b.q_stop, b.k_start, b.k_stop) for b in blocks if b.documents)
+    # rows 32-47 (document 0-40's tail, three short documents, 46-100's head); rows 48-95 beside the
+    # plain block (columns 46-47); rows 96-111 (46-100's tail, 100-128's head; columns rounded out to 16);
+    # rows 112-127 beside the last plain block (columns 100-111)
+    assert masked == [(32, 48, 0, 48), (48, 96, 46, 48), (96, 112, 32, 112), (112, 128, 100, 112)], masked
+    # the default grid, blocks of 16k tokens, documents up to 24k long: unmasked shapes from a bounded set
+    # (multiples of the grid), whatever the documents
+    rng, shapes, grid = random.Random(0), set(), schedule.DOCUMENT_GRID
+    for _ in range(20):
+        sched = plan("contiguous", 8, 16384, causal=True, documents=(_bounds(8 * 16384, rng, 24000),))
+        shapes |= {(b.q_stop - b.q_start, b.k_stop - b.k_start) for step in sched.steps for bs in step
+                   for b in bs if not b.documents}
+    assert len(shapes) > 3 and all(a % grid == 0 and b % grid == 0 for a, b in shapes), shapes
 
 
-def test_only_whole_blocks_go_unmasked_when_small_document_is_none():
-    """small_document=None: a document gets a block without a mask only where it fills the whole block, so
+def test_only_whole_blocks_go_unmasked_when_the_grid_is_none():
+    """document_grid=None: a document gets a block without a mask only where it fills the whole block, so
     every unmasked block has a shape that recurs whatever the documents (no new cuDNN plan per batch)."""
     docs = ((0, 40, 41, 43, 46, 100, 128),)
-    blocks = plan("contiguous", 1, 128, causal=True, documents=docs, small_document=None).steps[0][0]
+    blocks = plan("contiguous", 1, 128, causal=True, documents=docs, document_grid=None).steps[0][0]
     assert all(b.documents for b in blocks) and len(blocks) == 1  # four documents, one masked block
-    whole = plan("contiguous", 1, 128, causal=True, documents=((0, 128),), small_document=None).steps[0][0]
+    whole = plan("contiguous", 1, 128, causal=True, documents=((0, 128),), document_grid=None).steps[0][0]
     assert [(b.q_start, b.q_stop, b.k_start, b.k_stop, b.documents) for b in whole] == [(0, 128, 0, 128, False)]
     # ring of 4, a document from 20 to 100: the blocks it fills (rows and columns 32-63 and 64-95 of the
     # sequence) are plain; its parts in the blocks it only touches are masked
-    sched = plan("contiguous", 4, 32, causal=True, documents=((0, 20, 100, 128),), small_document=None)
+    sched = plan("contiguous", 4, 32, causal=True, documents=((0, 20, 100, 128),), document_grid=None)
     shapes = {(b.q_stop - b.q_start, b.k_stop - b.k_start) for step in sched.steps for blocks in step
               for b in blocks if not b.documents}
     assert shapes == {(32, 32)}, shapes

@@ -86,12 +86,12 @@ def test_ring_on_gpu_matches_reference(backend, dtype, world):
 
 @pytest.mark.parametrize("backend", ["auto", "triton"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("world,small", [(2, 64), (8, 64), (2, None), (8, None)])
-def test_documents_on_gpu_match_reference(backend, dtype, world, small, monkeypatch):
-    """Packed documents (lengths 1 to 300, one per batch element list too): long ones on their own blocks
-    (cuDNN under auto), short ones grouped and masked per document in the Triton kernel; small None:
-    only documents filling a whole block go unmasked."""
-    monkeypatch.setattr(schedule, "SMALL_DOCUMENT", small)
+@pytest.mark.parametrize("world,grid", [(2, 64), (8, 64), (2, None), (8, None)])
+def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypatch):
+    """Packed documents (lengths 1 to 300, one per batch element list too): the parts of long ones on the
+    grid on their own blocks (cuDNN under auto), the rest grouped and masked per document in the Triton
+    kernel; grid None: only documents filling a whole block go unmasked."""
+    monkeypatch.setattr(schedule, "DOCUMENT_GRID", grid)
     seq, failures = world * LOCAL, []
     g = torch.Generator().manual_seed(world)
     bounds = [0]
