@@ -1,4 +1,4 @@
-"""launch/pretrain_gpt.py under the real DeepSpeed launcher (and as bare processes) on CPU with gloo.
+"""launch/pretrain_gpt.py on CPU with gloo, under torchrun and the real DeepSpeed launcher (the README's).
 
 A tiny GPT on the recall task, 6 iterations. Ring attention must reproduce a run without it (dense
 attention, whole sequence per rank) on the same global batches; a stopped and resumed run, and runs
@@ -19,11 +19,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory):
-    """The runs the loss comparisons share (each about 10-30 s on 2 CPU cores)."""
+    """The runs the loss comparisons share (each 5-30 s on 2 CPU cores), under torchrun except ring2."""
     tmp = tmp_path_factory.mktemp("pretrain")
     out = {"tmp": tmp}
     out["dense"] = deepspeed_run(tmp, "dense", 2, None, 1, ["--exit-interval", "4"])
-    out["ring2"] = deepspeed_run(tmp, "ring2", 2, 2, 1, [])
+    out["ring2"] = deepspeed_run(tmp, "ring2", 2, 2, 1, [], launcher="deepspeed")  # the README's launcher
     out["ring2_data2"] = deepspeed_run(tmp, "ring2_data2", 4, 2, 2, ["--exit-interval", "4"])
     out["ring2_zero3"] = deepspeed_run(tmp, "ring2_zero3", 2, 2, 3, ["--exit-interval", "4"])
     # One replica, as the ring of 2: with documents the scored tokens differ between samples, and the job
@@ -76,7 +76,7 @@ def test_tensor_parallel_ring_matches_dense_attention(runs):
 
 @pytest.mark.big
 def test_pipeline_tensor_ring_matches_dense_attention(runs):
-    # 8 ranks = pipeline 2 × ring 2 × tensor 2 (1 layer per stage), ZeRO-1, under the DeepSpeed launcher: the
+    # 8 ranks = pipeline 2 × ring 2 × tensor 2 (1 layer per stage), ZeRO-1: the
     # pipeline engine's stages, their rings and tensor-parallel pairs reproduce the dense data-parallel run.
     # GLOBAL_BATCH in 2 micro batches of 2 (data 1), as the pipeline of 2 stages needs at least 2.
     ring = deepspeed_run(runs["tmp"], "p2_ring2_tp2", 8, 2, 1, ["--exit-interval", "4"], tensor=2, pipeline=2,
@@ -89,10 +89,10 @@ def test_stopped_and_resumed_run_equals_uninterrupted_run(runs):
     save = str(tmp / "ckpt")
     # stopped under torchrun, resumed under the DeepSpeed launcher: the job runs under both
     quiet, verbose = [], []
-    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save], launcher="torchrun",
-                          output=quiet)
+    first = deepspeed_run(tmp, "stopped", 2, 2, 1, ["--exit-interval", "3", "--save", save], output=quiet)
     assert open(os.path.join(save, "latest")).read() == "iter_0000003"
-    resumed = deepspeed_run(tmp, "resumed", 2, 2, 1, ["--load", save, "--verbose"], output=verbose)
+    resumed = deepspeed_run(tmp, "resumed", 2, 2, 1, ["--load", save, "--verbose"], launcher="deepspeed",
+                            output=verbose)
     assert sorted(first) == [1, 2, 3] and sorted(resumed) == [4, 5, 6]
     # Megatron-core's and DeepSpeed's warnings are hidden, and shown with --verbose (torchrun adds nothing
     # of its own: what the first run printed is the job's; the DeepSpeed launcher logs its own lines)
