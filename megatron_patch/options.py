@@ -112,6 +112,18 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
     if getattr(args, "use_legacy_models", False):
         raise ValueError("--use-legacy-models builds Megatron's legacy GPT, whose attention ring attention does not "
                          "replace: drop --use-legacy-models")
+    comm = getattr(args, "cp_comm_type", None)
+    comm = [comm] if isinstance(comm, str) else list(comm or [])
+    if any(kind != "p2p" for kind in comm):
+        raise ValueError(f"--cp-comm-type {' '.join(comm)}: ring attention moves K/V around the context-parallel "
+                         "ring itself (point to point); drop --cp-comm-type or pass p2p")
+    if getattr(args, "hierarchical_context_parallel_sizes", None):
+        raise ValueError("--hierarchical-context-parallel-sizes (for --cp-comm-type a2a+p2p) is not used by ring "
+                         "attention, whose ring is the whole context-parallel group: drop it")
+    kernel = getattr(getattr(args, "attention_backend", None), "name", getattr(args, "attention_backend", None))
+    if kernel not in (None, "auto", "local"):
+        raise ValueError(f"--attention-backend {kernel} chooses Transformer Engine's attention kernel, which ring "
+                         "attention replaces: drop it, and choose the ring's kernel with --ring-backend")
     window = lookback_from_window(getattr(args, "window_size", None))
     if window is not None and options.max_lookback is not None and window != options.max_lookback:
         raise ValueError(f"--window-size {tuple(args.window_size)} means a lookback of {window} tokens but "

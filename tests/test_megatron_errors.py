@@ -7,6 +7,7 @@ import argparse
 import pytest
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.spec_utils import import_module
 
 from megatron_patch import (
@@ -43,6 +44,10 @@ def _args(argv, **megatron_args):
     (["--ring-attention", "--ring-backend", "nope"], {}, ["--ring-backend 'nope'"]),
     (["--ring-attention", "--ring-bucket-size", "0"], {}, ["--ring-bucket-size 0"]),
     (["--ring-layout", "striped"], {}, ["without --ring-attention"]),
+    (["--ring-attention"], {"cp_comm_type": ["a2a"]}, ["--cp-comm-type a2a", "pass p2p"]),
+    (["--ring-attention"], {"cp_comm_type": ["p2p", "a2a+p2p"]}, ["--cp-comm-type p2p a2a+p2p"]),
+    (["--ring-attention"], {"hierarchical_context_parallel_sizes": [2, 2]}, ["--hierarchical-context-parallel-sizes"]),
+    (["--ring-attention"], {"attention_backend": AttnBackend.flash}, ["--attention-backend flash", "--ring-backend"]),
 ])
 def test_validate_ring_args_rejects(argv, megatron_args, words):
     if "transformer_impl" in megatron_args and transformer_engine_installed():
@@ -56,7 +61,8 @@ def test_validate_ring_args_rejects(argv, megatron_args, words):
 def test_validate_ring_args_accepts_and_reads_options():
     args = _args(["--ring-attention", "--ring-layout", "contiguous", "--ring-max-lookback", "4", "--no-ring-reduce-col",
                   "--ring-bucket-size", "64", "--ring-size", "4"], seq_length=32, attention_dropout=0.0,
-                 window_size=(3, 0), position_embedding_type="rope", transformer_impl="local")
+                 window_size=(3, 0), position_embedding_type="rope", transformer_impl="local", cp_comm_type=["p2p"],
+                 hierarchical_context_parallel_sizes=None, attention_backend=AttnBackend.auto)
     validate_ring_args(args, 4)
     assert RingOptions.from_args(args) == RingOptions("contiguous", "auto", 4, False, 64, 4)
     validate_ring_args(_args([]), 1)  # no ring attention, no ring flags: nothing to say
