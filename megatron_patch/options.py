@@ -120,7 +120,8 @@ def validate_ring_args(args: argparse.Namespace, context_parallel_size: int) -> 
     if getattr(args, "hierarchical_context_parallel_sizes", None):
         raise ValueError("--hierarchical-context-parallel-sizes (for --cp-comm-type a2a+p2p) is not used by ring "
                          "attention, whose ring is the whole context-parallel group: drop it")
-    kernel = getattr(getattr(args, "attention_backend", None), "name", getattr(args, "attention_backend", None))
+    kernel = getattr(args, "attention_backend", None)
+    kernel = getattr(kernel, "name", kernel)  # Megatron's AttnBackend enum, or its name
     if kernel not in (None, "auto", "local"):
         raise ValueError(f"--attention-backend {kernel} chooses Transformer Engine's attention kernel, which ring "
                          "attention replaces: drop it, and choose the ring's kernel with --ring-backend")
