@@ -19,7 +19,7 @@ venv: $(VENV)/.installed
 # The main job: GPT pretraining with ring attention on $(NPROC) gloo ranks (one ring), DeepSpeed ZeRO-1,
 # on a recall task whose answers need facts held by the other rank. Extra flags: make demo DEMO_ARGS="...".
 # Each run writes its checkpoint and plot to a new runs/demo-DATE-TIME/ unless DEMO_ARGS gives --save.
-# The launcher's own INFO lines are off (--log_level error); --verbose in DEMO_ARGS shows the job's hidden ones.
+# The launcher's own lines are off (--log_level critical: its last line would repeat the whole command after an error); --verbose in DEMO_ARGS shows the job's hidden ones.
 DEMO_ARGS ?=
 ifndef DEMO_RUN
 DEMO_RUN := runs/demo-$(shell date +%Y%m%d-%H%M%S)
@@ -28,7 +28,7 @@ DEMO_OUT = $(if $(findstring --save,$(DEMO_ARGS)),,--save $(DEMO_RUN) --plot $(D
 # DeepSpeed's accelerator is named (cpu: the demo's gloo ranks), so its launcher does not warn that it guessed.
 DEMO_ACCELERATOR ?= cpu
 demo: $(VENV)/.installed
-	DS_ACCELERATOR=$(DEMO_ACCELERATOR) $(VENV)/bin/deepspeed --log_level error --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
+	DS_ACCELERATOR=$(DEMO_ACCELERATOR) $(VENV)/bin/deepspeed --log_level critical --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
 		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --ring-backend torch --seq-length 128 \
 		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant \
 		--train-iters 300 --eval-interval 50 $(DEMO_OUT) $(DEMO_ARGS)
