@@ -53,9 +53,36 @@ def _scale(opts: RingOptions, head_dim: int) -> float:
     return float(opts.softmax_scale) if opts.softmax_scale is not None else head_dim ** -0.5
 
 
-def _plan(opts: RingOptions, documents: Documents | None, world: int, local_seq: int) -> Schedule:
-    return schedules.plan(opts.layout, world, local_seq, causal=opts.causal, lookback=opts.max_lookback,
-                          reduce_col=opts.reduce_col, documents=documents, document_grid=schedules.DOCUMENT_GRID)
+def _plan(opts: RingOptions, documents: Documents | None, world: int, q: Tensor, k: Tensor,
+          mask: Tensor | None) -> Schedule:
+    """The schedule of this call. With documents: whole blocks (``schedules.WHOLE``) when the backend for each
+    of them takes document boundaries itself (cuDNN's ragged attention), else cut on ``DOCUMENT_GRID``."""
+    def plan(grid: int | None) -> Schedule:
+        return schedules.plan(opts.layout, world, q.shape[1], causal=opts.causal, lookback=opts.max_lookback,
+                              reduce_col=opts.reduce_col, documents=documents, document_grid=grid)
+
+    if documents is not None and len(documents) == 1 and mask is None:
+        whole = plan(schedules.WHOLE)
+        if _takes_whole(whole, opts.backend, opts.bucket_size, q.device, q.dtype, q.shape[2:], k.shape[2]):
+            return whole
+    return plan(schedules.DOCUMENT_GRID)
+
+
+@lru_cache(maxsize=256)
+def _takes_whole(schedule: Schedule, backend: str, bucket_size: int | None, device: torch.device,
+                 dtype: torch.dtype, shape: tuple[int, int], kv_heads: int) -> bool:
+    """Whether every block of several documents in ``schedule`` goes to a backend that takes their runs."""
+    q = torch.empty(1, 1, *shape, device=device, dtype=dtype)
+    k = torch.empty(1, 1, kv_heads, shape[-1], device=device, dtype=dtype)
+    ids = torch.zeros(1, 1, dtype=torch.int32, device=device)
+    for band, runs in {(b.band, b.runs) for step in schedule.steps for blocks in step for b in blocks if b.documents}:
+        try:
+            chosen = kernels.choose(backend, q, k, Visibility(band, None, BlockDocuments(ids, ids, runs)), bucket_size)
+        except ValueError:
+            return False
+        if not getattr(chosen, "takes_document_runs", False):
+            return False
+    return True
 
 
 def _check_tensors(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
@@ -112,7 +139,8 @@ def _block_documents(schedule: Schedule, ids: tuple[Tensor, ...], step: int, pos
     """The document ids of one scheduled block (cached: every layer of a batch reuses them)."""
     block = schedule.steps[step][position][index]
     source = schedule.source(step, position)
-    return BlockDocuments(ids[position][:, block.q_start:block.q_stop], ids[source][:, block.k_start:block.k_stop])
+    return BlockDocuments(ids[position][:, block.q_start:block.q_stop], ids[source][:, block.k_start:block.k_stop],
+                          block.runs)
 
 
 _BACKEND_CHECKED: set[tuple] = set()  # what _check_backend accepted: every layer of a model asks the same
@@ -125,9 +153,10 @@ def _check_backend(opts: RingOptions, schedule: Schedule, positions: list[int], 
            mask is None, ids is None)
     if key in _BACKEND_CHECKED:
         return
-    kinds = {(block.band, block.documents) for step in schedule.steps for p in positions for block in step[p]}
-    for band, has_documents in kinds:
-        documents = BlockDocuments(ids[positions[0]], ids[positions[0]]) if has_documents else None
+    kinds = {(block.band, block.documents, block.runs) for step in schedule.steps for p in positions
+             for block in step[p]}
+    for band, has_documents, runs in kinds:
+        documents = BlockDocuments(ids[positions[0]], ids[positions[0]], runs) if has_documents else None
         kernels.choose(opts.backend, q, k, Visibility(band, mask, documents), opts.bucket_size)
     if len(_BACKEND_CHECKED) > 1024:
         _BACKEND_CHECKED.clear()
@@ -374,7 +403,7 @@ def ring_attention(
         group, size = resolve_ring(group, ring_size)
         opts = replace(opts, ring_size=size)
         documents = _checked(opts, cu_seqlens, q, k, v, mask, size)
-        schedule = _plan(opts, documents, size, q.shape[1])
+        schedule = _plan(opts, documents, size, q, k, mask)
         position = dist.get_rank(group) % size if distributed else 0
         ids = _document_ids(opts, documents, size, q)
         _check_backend(opts, schedule, [position], q, k, mask, ids)
@@ -430,7 +459,7 @@ def ring_attention_simulated(
         documents = _checked(opts, cu_seqlens, q, k, v, m, world)
         rows.append(_signature(q, k, m, opts, documents))
     _raise_on_disagreement(rows, "position", world)
-    schedule = _plan(opts, documents, world, qs[0].shape[1])
+    schedule = _plan(opts, documents, world, qs[0], ks[0], masks[0])
     ids = _document_ids(opts, documents, world, qs[0])
     _check_backend(opts, schedule, list(range(world)), qs[0], ks[0], masks[0], ids)
     ring = transport if transport is not None else SimulatedRing(world)

@@ -29,7 +29,10 @@ CAUSAL = Band(lo=0)
 # and columns cut at multiples of DOCUMENT_GRID local indices (and at the block's own edges), which gives
 # shapes from a small set that recurs every step. The rest of the part, off the grid, joins its neighbours
 # in blocks masked by document (Triton). None: a document goes unmasked only where it fills a whole block.
+# 0 (WHOLE): no cuts at all; a block of several documents stays one block that lists each document's rows and
+# columns (``Block.runs``), for a kernel that takes document boundaries itself (cuDNN's ragged attention).
 DOCUMENT_GRID: int | None = 4096
+WHOLE = 0
 
 
 @dataclass(frozen=True)
@@ -38,7 +41,8 @@ class Block:
 
     The band is relative to the block's own corner: row q_start + i, column k_start + j.
     ``documents``: the block spans several documents, so a cell is visible only if its row and
-    column also share one (the kernel masks by document ids).
+    column also share one (the kernel masks by document ids). ``runs`` (plans with ``WHOLE`` blocks):
+    for each document the block touches, in order, how many of its query rows and key columns it holds.
     """
 
     q_start: int
@@ -47,6 +51,7 @@ class Block:
     k_stop: int
     band: Band = FULL
     documents: bool = False
+    runs: tuple[tuple[int, int], ...] = ()
 
     @property
     def area(self) -> int:
@@ -285,12 +290,33 @@ def _group(base: Block, pieces: list[Block], grid: int | None) -> list[Block]:
     return out
 
 
+def _runs(q: Segment, k: Segment, block: Block, bounds: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    """(query rows, key columns) of ``block`` in each document that holds any of them, in document order."""
+    spans = (_global_span(q, block.q_start, block.q_stop), _global_span(k, block.k_start, block.k_stop))
+    first = bisect.bisect_right(bounds, min(spans[0][0], spans[1][0])) - 1
+    last = bisect.bisect_right(bounds, max(spans[0][1], spans[1][1]))
+    runs = []
+    for d in range(first, last):
+        r0, r1 = _local_range(q, bounds[d], bounds[d + 1])
+        c0, c1 = _local_range(k, bounds[d], bounds[d + 1])
+        rows = max(0, min(r1, block.q_stop) - max(r0, block.q_start))
+        cols = max(0, min(c1, block.k_stop) - max(c0, block.k_start))
+        if rows or cols:
+            runs.append((rows, cols))
+    return tuple(runs)
+
+
 def _segment_blocks(q: Segment, k: Segment, causal: bool, lookback: int | None, documents: Documents | None,
                     grid: int | None) -> list[Block]:
     base = _segment_block(q, k, causal, lookback)
     if base is None or documents is None:
         return [] if base is None else [base]
     per_element = [_document_pieces(q, k, base, bounds) for bounds in documents]
+    if len(documents) == 1 and grid == WHOLE:
+        pieces = per_element[0]
+        if len(pieces) < 2:  # inside one document (or none): no mask needed
+            return pieces
+        return [replace(base, documents=True, runs=_runs(q, k, base, documents[0]))]
     if len(documents) == 1:
         return _group(base, per_element[0], grid)
     pieces = [p for ps in per_element for p in ps]  # boundaries differ across the batch: one masked block
@@ -356,11 +382,13 @@ def plan(
     ``lookback`` (needs ``causal``): key t is visible to query p only if p − t < lookback.
     ``reduce_col=False``: each position attends only to its own K/V block. ``documents``
     (from ``ring_sp.documents.check_documents``): a key is visible only inside its query's document.
-    ``document_grid``: where a document's part of a block is cut for an unmasked block (see ``DOCUMENT_GRID``).
+    ``document_grid``: where a document's part of a block is cut for an unmasked block (see ``DOCUMENT_GRID``;
+    ``WHOLE``: never, blocks carry their documents' ``runs``).
     """
     check_local_seq(layout, local_seq, world)
-    if document_grid is not None and (not isinstance(document_grid, int) or document_grid < 1):
-        raise ValueError(f"document_grid={document_grid!r}: use a positive number of rows, or None for whole blocks")
+    if document_grid is not None and (not isinstance(document_grid, int) or document_grid < 0):
+        raise ValueError(f"document_grid={document_grid!r}: use a positive number of rows, None (unmasked only where "
+                         "a document fills a block) or 0 (WHOLE: no cuts)")
     if lookback is not None and (not causal or lookback < 1):
         raise ValueError("lookback needs causal=True and a value of at least 1")
     candidates = world if reduce_col else 1

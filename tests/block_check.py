@@ -24,6 +24,21 @@ def random_documents(batch: int, n: int, generator: torch.Generator, most: int =
     return torch.sort(torch.randint(0, most, (batch, n), generator=generator), dim=1).values.to(torch.int32)
 
 
+def listed_documents(sq: int, sk: int, generator: torch.Generator, same: bool):
+    """Document ids shared by both batch elements, with their runs (rows, columns of each document, in order):
+    every document with rows has columns; ``same``: each document's rows and columns coincide (sq == sk)."""
+    q_doc = random_documents(1, sq, generator)[0]
+    if same:
+        k_doc = q_doc.clone()
+    else:  # every document of the rows gets at least one column, and there may be one with columns only
+        present = sorted(set(q_doc.tolist()) | {int(q_doc.max()) + 1})
+        k_doc = torch.tensor(present + torch.randint(0, len(present), (sk - len(present),), generator=generator)
+                             .apply_(lambda i: present[i]).tolist(), dtype=torch.int32).sort().values
+    touched = sorted(set(q_doc.tolist()) | set(k_doc.tolist()))
+    runs = tuple((int((q_doc == d).sum()), int((k_doc == d).sum())) for d in touched)
+    return q_doc.expand(2, sq).contiguous(), k_doc.expand(2, sk).contiguous(), runs
+
+
 def _allowed(vis, mask):
     """(batch or 1, 1, sq, sk) bool from visibility (sq, sk) or (batch, sq, sk) and a key mask."""
     ok = (vis if vis.dim() == 3 else vis[None])[:, None]
@@ -45,11 +60,13 @@ def _dense(q, k, v, vis, mask, scale):
 
 def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: int, head_dim: int, band: Band,
                 masked: bool, dtype: torch.dtype, device: str = "cpu", seed: int = 0,
-                bucket_size: int | None = None, documents: bool = False) -> dict[str, float]:
+                bucket_size: int | None = None, documents: bool | str = False) -> dict[str, float]:
     """Relative errors of out, lse, dq, dk, dv for two K/V blocks folded one after the other.
 
     The first block is full (it starts the state: ``fresh``), the second has ``band`` (and, with
-    ``documents``, random document ids per row and column, different per batch element): the backend
+    ``documents``, random document ids per row and column, different per batch element; ``"runs"``: the same
+    in both elements, listed as the schedule's WHOLE blocks list them, each document's rows and columns
+    at the same offsets under a causal band): the backend
     must continue the state the first left. "written": the second block again, from the same
     state, writing the normalised output itself (``out``, the rows' last block); "alone": the
     second block as the only one (fresh and last, as at W = 1). The backward is checked for the
@@ -64,13 +81,16 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
     mask = (torch.rand(2, sk, generator=g) > 0.25) if masked else None
     if masked:
         mask[0, : sk // 2] = False
-    q_doc, k_doc = (random_documents(2, n, g) for n in (sq, sk)) if documents else (None, None)
+    q_doc, k_doc, runs = (*(random_documents(2, n, g) for n in (sq, sk)), ()) if documents else (None, None, ())
+    if documents == "runs":
+        q_doc, k_doc, runs = listed_documents(sq, sk, g, same=band.lo is not None)
     scale = head_dim ** -0.5
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     qc, k1c, v1c, k2c, v2c, doc = map(cast, (q, k1, v1, k2, v2, do))
     mask_c = None if mask is None else mask.to(device)
     first = Visibility(Band(), mask_c)
-    second = Visibility(band, mask_c, None if q_doc is None else BlockDocuments(q_doc.to(device), k_doc.to(device)))
+    second = Visibility(band, mask_c,
+                        None if q_doc is None else BlockDocuments(q_doc.to(device), k_doc.to(device), runs))
     backend = kernels.get(backend_name, bucket_size)
     state = State.empty(qc)
     backend.forward(qc, k1c, v1c, state, first, scale, fresh=True)

@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from ring_sp.kernels import Band
 from tests.block_check import BANDS, check_block
 
 BOUND = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -41,6 +42,20 @@ def test_sdpa_backend_block_on_cpu(dtype, band):
         assert not bad, f"sq={sq} sk={sk} h={h}/{hk} d={d}: {bad}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("band", [Band(), Band(lo=0)], ids=str)
+def test_sdpa_backend_documents_block_on_cpu(dtype, band):
+    """A block of several documents listed by their runs (the schedule's WHOLE blocks) through the ragged
+    op (on the CPU one kernel call per document): continuing a state, writing the output, the backward."""
+    shapes = [(16, 16, 4, 1, 8), (13, 13, 4, 2, 32)] + ([(13, 21, 4, 2, 32), (9, 6, 2, 2, 16)] if band.lo is None
+                                                        else [])
+    for seed, (sq, sk, h, hk, d) in itertools.product(range(3), shapes):
+        errors = check_block("sdpa", sq=sq, sk=sk, heads=h, kv_heads=hk, head_dim=d, band=band, masked=False,
+                             dtype=dtype, documents="runs", seed=seed)
+        bad = {k: v for k, v in errors.items() if not v <= BOUND[dtype]}
+        assert not bad, f"seed={seed} sq={sq} sk={sk} h={h}/{hk} d={d}: {bad}"
+
+
 def test_sdpa_backend_refuses_what_it_cannot_compute():
     from ring_sp import kernels
     from ring_sp.kernels import Band, BlockDocuments, Visibility
@@ -50,6 +65,14 @@ def test_sdpa_backend_refuses_what_it_cannot_compute():
     ids = torch.tensor([[0, 0, 0, 1, 1, 2, 2, 2]], dtype=torch.int32)
     assert "key mask" in sdpa.unsupported(q, q, Visibility(Band(), torch.ones(1, 8, dtype=torch.bool)))
     assert "document" in sdpa.unsupported(q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids)))
+    # with runs: causal blocks only where each document is its own causal square; no rows without keys
+    square = ((3, 3), (2, 2), (3, 3))
+    assert sdpa.unsupported(q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids, square))) is None
+    assert "causal square" in sdpa.unsupported(q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids,
+                                                                                                 ((3, 2), (5, 6)))))
+    assert "causal square" in sdpa.unsupported(q, q, Visibility(Band(lo=1), None, BlockDocuments(ids, ids, square)))
+    assert "without keys" in sdpa.unsupported(q, q, Visibility(Band(), None, BlockDocuments(ids, ids,
+                                                                                            ((3, 0), (5, 8)))))
     assert "full and causal" in sdpa.unsupported(q, q, Visibility(Band(lo=0, hi=3)))
     assert "full and causal" in sdpa.unsupported(q, q, Visibility(Band(lo=-2)))
     # auto falls back to another backend for those blocks

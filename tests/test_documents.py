@@ -7,11 +7,20 @@ import random
 import pytest
 import torch
 
-from ring_sp import document_positions, local_positions, ring_attention, ring_attention_simulated, schedule, split
+from ring_sp import (
+    document_positions,
+    local_positions,
+    merge,
+    ring_attention,
+    ring_attention_simulated,
+    schedule,
+    split,
+)
 from ring_sp.comm import SimulatedRing
-from ring_sp.documents import check_documents
+from ring_sp.documents import check_documents, document_ids
 from ring_sp.layout import LAYOUTS, segments
 from ring_sp.schedule import plan
+from tests.reference import dense_attention
 from tests.ring_cases import check_simulated, document_cases
 from tests.schedule_cells import cell_counts, visible_cells
 from tests.test_ring_distributed import check_distributed
@@ -27,7 +36,7 @@ def _bounds(seq: int, rng: random.Random, longest: int) -> tuple[int, ...]:
 # (document pattern, document grid): 1 = every piece unmasked on its own, 10**6 = all grouped (only the
 # block's edges are on the grid), None = grouped unless a piece fills its block.
 PATTERNS = [("random", 1), ("random", 3), ("random", 10**6), ("ones", 10**6), ("whole", 3), ("per_batch", 3),
-            ("random", None), ("whole", None)]
+            ("random", None), ("whole", None), ("random", schedule.WHOLE), ("ones", schedule.WHOLE)]
 SCHEDULE_CASES = [
     (layout, world, n, causal, lookback, reduce_col, grid, pattern)
     for layout, world, n, (causal, lookback), reduce_col, (pattern, grid) in itertools.product(
@@ -77,6 +86,47 @@ def test_schedule_covers_exactly_the_visible_pairs(layout, world, n, causal, loo
         assert all(blk.area > 0 for blocks in step for blk in blocks)
     if grid == 1 and len(docs) == 1:  # every piece is on the grid: a block per piece, none masked by document
         assert not any(blk.documents for step in sched.steps for blocks in step for blk in blocks)
+    if grid == schedule.WHOLE:
+        check_runs(sched, layout, world, n, docs[0])
+
+
+def check_runs(sched, layout: str, world: int, n: int, bounds: tuple[int, ...]) -> None:
+    """Every block of several documents lists, per document in order, its query rows and key columns
+    (brute force from the document ids of its rows and columns)."""
+    ids = document_ids(bounds, torch.arange(world * n))
+    for step, per_rank in enumerate(sched.steps):
+        for r, blocks in enumerate(per_rank):
+            qpos = local_positions(world * n, layout, r, world)
+            kpos = local_positions(world * n, layout, sched.source(step, r), world)
+            for blk in blocks:
+                assert bool(blk.runs) == blk.documents
+                if not blk.documents:
+                    continue
+                rows, cols = ids[qpos[blk.q_start:blk.q_stop]], ids[kpos[blk.k_start:blk.k_stop]]
+                touched = sorted(set(rows.tolist()) | set(cols.tolist()))
+                want = tuple((int((rows == d).sum()), int((cols == d).sum())) for d in touched)
+                assert blk.runs == want, (blk, want)
+
+
+def test_whole_blocks_keep_every_document_diagonal():
+    """document_grid=WHOLE (for kernels that take document boundaries, cuDNN's ragged attention): under
+    contiguous and zigzag every block of several documents holds each document's rows and columns at the
+    same offsets (a causal block: each document's own causal square, so a top-left causal mask per
+    document is exact); a block inside one document needs no mask."""
+    rng = random.Random(3)
+    for layout, world, causal in itertools.product(("contiguous", "zigzag"), (1, 2, 4), (True, False)):
+        n = 32
+        for _ in range(5):
+            bounds = _bounds(world * n, rng, 20)
+            sched = plan(layout, world, n, causal=causal, documents=(bounds,), document_grid=schedule.WHOLE)
+            check_runs(sched, layout, world, n, bounds)
+            for step in sched.steps:
+                for blk in (b for blocks in step for b in blocks if b.documents):
+                    assert blk.band == (schedule.CAUSAL if causal else schedule.FULL)
+                    assert all(rows == cols for rows, cols in blk.runs), blk
+                    assert (blk.q_start, blk.q_stop) == (blk.k_start, blk.k_stop)
+    with pytest.raises(ValueError, match="document_grid"):
+        plan("contiguous", 2, 8, causal=True, documents=((0, 3, 16),), document_grid=-1)
 
 
 def test_documents_inside_shards_need_no_communication():
@@ -161,6 +211,51 @@ def test_simulated_ring_with_documents(world, backend):
     for case in document_cases(dtypes=("float64", "float32")):
         failures += check_simulated(case, world, backend=backend)
     assert not failures, "\n".join(failures[:20])
+
+
+def test_auto_keeps_blocks_whole_for_the_ragged_op(monkeypatch):
+    """Under auto, blocks of several documents stay whole (document_grid=WHOLE) and go to the sdpa backend's
+    ragged op (cuDNN's on CUDA; here the CPU one) wherever it takes every such block; with a key mask, the
+    striped layout (documents off the diagonal) or a backend that masks by document ids, the grid plan."""
+    from ring_sp import attention
+    from ring_sp.kernels.sdpa_backend import SdpaBackend
+
+    calls = []
+    ragged = SdpaBackend._ragged_forward
+    monkeypatch.setattr(SdpaBackend, "_ragged_forward", lambda self, *a: calls.append(1) or ragged(self, *a))
+    world, n = 4, 16
+    docs = [0, 1, 7, 20, 21, 40, 45, 64]
+    q = torch.randn(1, world * n, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(2, 1, world * n, 2, 8, dtype=torch.float64)
+    for layout, causal in itertools.product(("contiguous", "zigzag"), (True, False)):
+        qs, ks, vs = (split(t, layout, world) for t in (q, k, v))
+        opts = attention.RingOptions(causal=causal, layout=layout)
+        sched = attention._plan(opts, ((*docs,),), world, qs[0], ks[0], None)
+        assert any(b.runs for step in sched.steps for blocks in step for b in blocks), (layout, causal)
+        calls.clear()
+        outs = ring_attention_simulated(qs, ks, vs, causal=causal, layout=layout, cu_seqlens=docs)
+        assert calls, (layout, causal)
+        ref = _document_reference(q, k, v, docs, causal)
+        assert (merge(outs, layout) - ref).abs().max() < 1e-10, (layout, causal)
+        grid = attention._plan(attention.RingOptions(causal=causal, layout=layout, backend="torch"), ((*docs,),),
+                               world, qs[0], ks[0], None)
+        assert not any(b.runs for step in grid.steps for blocks in step for b in blocks)
+    striped = attention._plan(attention.RingOptions(causal=True, layout="striped"), ((*docs,),), world,
+                              split(q, "striped", world)[0], ks[0], None)
+    assert not any(b.runs for step in striped.steps for blocks in step for b in blocks)
+    masked = attention._plan(attention.RingOptions(causal=True), ((*docs,),), world, qs[0], ks[0],
+                             torch.ones(1, n, dtype=torch.bool))
+    assert not any(b.runs for step in masked.steps for blocks in step for b in blocks)
+
+
+def _document_reference(q, k, v, docs, causal):
+    """float64 attention over the whole sequence, each query inside its own document (and causal)."""
+    pos = torch.arange(q.shape[1])
+    ids = document_ids(docs, pos)
+    visible = ids[:, None] == ids[None, :]
+    if causal:
+        visible &= pos[:, None] >= pos[None, :]
+    return dense_attention(q, k, v, visible_pairs=visible)
 
 
 def test_simulated_ring_with_documents_in_bf16():

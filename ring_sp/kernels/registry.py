@@ -7,6 +7,9 @@ A backend computes one block of attention with no distribution:
   block's gradients to the float32 accumulators dq, dk, dv in place, given the *final* output
   ``out`` and log-sum-exp ``lse`` of the query rows and delta = rowsum(do · out).
 - ``unsupported(q, k, visibility)`` says why it cannot compute such a block (None: it can).
+- ``takes_document_runs`` (optional, default False): it computes a block of several documents from the
+  documents' runs (rows and columns of each), so the schedule should keep such blocks whole
+  (``schedule.WHOLE``) rather than cut them for a kernel that masks by document ids.
 
 Shapes: q, do, out, dq (batch, seq_q, heads, head_dim); k, v, dk, dv (batch, seq_k, kv_heads,
 head_dim), heads % kv_heads == 0, query head i using K/V head i // (heads // kv_heads); lse,

@@ -10,6 +10,11 @@ Bands: full, and causal with the diagonal shifted by c ≥ 0 (causal c = 0; stri
 the seed's CAUSAL_MASK_DIAGONAL) through the one-token shift: rows c: attend keys :sq − c with
 the ops' own top-left causal mask, and rows below c see nothing of the block. Windows and key
 masks are left to other backends.
+
+Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
+as a batch of variable-length sequences, one per document: cuDNN's (``aten._cudnn_attention_forward``
+with cumulative lengths) on CUDA, one CPU kernel call per document on the CPU. Full blocks, and
+causal ones whose every document holds as many rows as columns (its own causal square).
 """
 
 from __future__ import annotations
@@ -21,15 +26,19 @@ import torch
 from torch import Tensor
 
 from ring_sp.band import Band
-from ring_sp.kernels.state import State
-from ring_sp.kernels.visibility import Visibility
+from ring_sp.kernels.state import State, state_dtype
+from ring_sp.kernels.visibility import Ragged, Visibility
 
 aten = torch.ops.aten
 
 
 @dataclass(frozen=True)
 class Op:
-    """One fused op on (batch, heads, seq, head_dim) tensors: forward → (out, lse (b, h, s) fp32)."""
+    """One fused op on (batch, heads, seq, head_dim) tensors: forward → (out, lse (b, h, s) fp32).
+
+    ``ragged_forward`` / ``ragged_backward`` (None: the op has none): the same on a batch of variable-length
+    sequences packed as (tokens, heads, head_dim), lse (tokens, heads), described by a :class:`Ragged`.
+    """
 
     name: str
     device: str
@@ -37,6 +46,9 @@ class Op:
     gqa: bool  # takes K/V with fewer heads
     forward: Callable[[Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor]]
     backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, bool, float], tuple[Tensor, Tensor, Tensor]]
+    ragged_forward: Callable[[Tensor, Tensor, Tensor, Ragged, bool, float], tuple[Tensor, Tensor]] | None = None
+    ragged_backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Ragged, bool, float],
+                              tuple[Tensor, Tensor, Tensor]] | None = None
 
 
 def _cudnn_fwd(q, k, v, causal, scale):
@@ -87,12 +99,56 @@ def _cpu_bwd(do, q, k, v, out, lse, causal, scale):
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
+def _cudnn_ragged_fwd(q, k, v, docs: Ragged, causal, scale):
+    out, lse, *_ = aten._cudnn_attention_forward(q, k, v, None, docs.cu_q, docs.cu_k, docs.max_q, docs.max_k, True,
+                                                 0.0, causal, False, scale=scale)
+    return out, lse.reshape(q.shape[:2])
+
+
+def _cudnn_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
+    return aten._cudnn_attention_backward(do, q, k, v, out, lse.unsqueeze(-1), None, None, None, docs.cu_q,
+                                          docs.cu_k, docs.max_q, docs.max_k, 0.0, causal, scale=scale)
+
+
+def _each_document(docs: Ragged):
+    """(rows, columns) slices of each document with rows and columns."""
+    r = c = 0
+    for rows, cols in docs.runs:
+        if rows and cols:
+            yield slice(r, r + rows), slice(c, c + cols)
+        r, c = r + rows, c + cols
+
+
+def _heads_first(*xs: Tensor) -> list[Tensor]:
+    return [x.transpose(0, 1)[None] for x in xs]  # (tokens, heads, d) -> (1, heads, tokens, d)
+
+
+def _cpu_ragged_fwd(q, k, v, docs: Ragged, causal, scale):
+    out = q.new_zeros(q.shape)
+    lse = q.new_full(q.shape[:2], float("-inf"), dtype=state_dtype(q.dtype))
+    for rows, cols in _each_document(docs):
+        o, l_ = _cpu_fwd(*_heads_first(q[rows], k[cols], v[cols]), causal, scale)
+        out[rows], lse[rows] = o[0].transpose(0, 1), l_[0].t()
+    return out, lse
+
+
+def _cpu_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
+    grads = [torch.zeros_like(x) for x in (q, k, v)]
+    for rows, cols in _each_document(docs):
+        parts = _cpu_bwd(*_heads_first(do[rows], q[rows], k[cols], v[cols], out[rows]), lse[rows].t()[None], causal,
+                         scale)
+        for grad, part, index in zip(grads, parts, (rows, cols, cols)):
+            grad[index] = part[0].transpose(0, 1)
+    return tuple(grads)
+
+
 _HALF = (torch.float16, torch.bfloat16)
 OPS = {
-    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd),
+    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, _cudnn_ragged_fwd, _cudnn_ragged_bwd),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
     "efficient": Op("efficient", "cuda", (*_HALF, torch.float32), False, _efficient_fwd, _efficient_bwd),
-    "cpu": Op("cpu", "cpu", (*_HALF, torch.float32, torch.float64), True, _cpu_fwd, _cpu_bwd),
+    "cpu": Op("cpu", "cpu", (*_HALF, torch.float32, torch.float64), True, _cpu_fwd, _cpu_bwd, _cpu_ragged_fwd,
+              _cpu_ragged_bwd),
 }
 
 
@@ -164,16 +220,18 @@ class SdpaBackend:
     """``op=None``: the first of cuDNN, flash, efficient (CUDA) or the CPU kernel that takes the inputs."""
 
     auto_devices = ("cuda", "cpu")
+    takes_document_runs = True  # blocks of several documents need their runs (document_grid=WHOLE)
 
     def __init__(self, op: str | None = None):
         self.op_name = op
         self.name = "sdpa" if op is None else f"sdpa_{op}"
 
-    def _op(self, q: Tensor) -> Op | None:
+    def _op(self, q: Tensor, ragged: bool = False) -> Op | None:
         names = [self.op_name] if self.op_name else ["cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
-            if op.device == q.device.type and q.dtype in op.dtypes and _available(op, q):
+            if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
+                    and _available(op, q, ragged)):
                 return op
         return None
 
@@ -181,10 +239,12 @@ class SdpaBackend:
         band = visibility.band
         if visibility.key_mask is not None:
             return "takes no key mask"
-        if visibility.documents is not None:
-            return "takes no document mask (blocks inside one document do not need one)"
         if band.hi is not None or (band.lo is not None and band.lo < 0):
             return f"computes full and causal blocks only, not lo={band.lo}, hi={band.hi}"
+        docs = visibility.documents
+        if docs is not None:
+            return _unsupported_documents(docs.runs, band) or (
+                None if self._op(q, ragged=True) else f"no ragged (per-document) op for {q.dtype} on {q.device.type}")
         if self._op(q) is None:
             return f"no fused op for {q.dtype} on {q.device.type}"
         return None
@@ -198,6 +258,8 @@ class SdpaBackend:
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, state: State, visibility: Visibility, scale: float, *,
                 fresh: bool = False, out: Tensor | None = None) -> None:
+        if visibility.documents is not None:
+            return self._ragged_forward(q, k, v, state, visibility, scale, fresh, out)
         op = self._op(q)
         sq = q.shape[1]
         row0, n_keys, causal = self._shifted(visibility.band, sq, k.shape[1])
@@ -208,8 +270,27 @@ class SdpaBackend:
         o, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
         fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
 
+    def _ragged_forward(self, q, k, v, state, visibility, scale, fresh, out) -> None:
+        op, docs = self._op(q, ragged=True), visibility.documents.ragged()
+        b, sq, h, d = q.shape
+        o, lse = op.ragged_forward(*_packed(q, k, v), docs, visibility.band.lo is not None, scale)
+        fold(state, 0, o.view(b, sq, h, d), lse.view(b, sq, h).transpose(1, 2).to(state.lse.dtype), fresh=fresh,
+             out=out)
+
+    def _ragged_backward(self, do, q, k, v, out, lse, dq, dk, dv, visibility, scale) -> None:
+        op, docs = self._op(q, ragged=True), visibility.documents.ragged()
+        b, sq, h, d = q.shape
+        lse_t = lse.transpose(1, 2).reshape(b * sq, h).to(state_dtype(q.dtype)).contiguous()
+        dq_, dk_, dv_ = op.ragged_backward(*_packed(do, q, k, v, out), lse_t, docs, visibility.band.lo is not None,
+                                           scale)
+        accumulate(dq, dq_.view(q.shape))
+        accumulate(dk, dk_.view(k.shape))
+        accumulate(dv, dv_.view(v.shape))
+
     def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
                  dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
+        if visibility.documents is not None:
+            return self._ragged_backward(do, q, k, v, out, lse, dq, dk, dv, visibility, scale)
         op = self._op(q)
         row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
         if row0 >= q.shape[1] or n_keys <= 0:
@@ -221,6 +302,25 @@ class SdpaBackend:
         accumulate(dq[:, row0:], gq.transpose(1, 2))
         accumulate(dk[:, :n_keys], _reduce(k, gk.transpose(1, 2)))
         accumulate(dv[:, :n_keys], _reduce(v, gv.transpose(1, 2)))
+
+
+def _unsupported_documents(runs: tuple[tuple[int, int], ...], band: Band) -> str | None:
+    """Why a ragged op cannot compute a block of these documents under ``band`` (None: it can)."""
+    if not runs:
+        return ("takes a block of several documents only with each document's rows and columns listed "
+                "(document_grid=WHOLE)")
+    if band.lo is None:
+        if any(rows and not cols for rows, cols in runs):
+            return "takes no rows without keys in a block of several documents"
+        return None
+    if band.lo != 0 or any(rows != cols for rows, cols in runs):
+        return "takes causal blocks of several documents only where each document holds its own causal square"
+    return None
+
+
+def _packed(*xs: Tensor) -> list[Tensor]:
+    """(batch, seq, heads, d) -> (batch · seq, heads, d): the batch elements one after another."""
+    return [x.reshape(-1, *x.shape[2:]) for x in xs]
 
 
 def _expand(op: Op, q: Tensor, kv: Tensor) -> Tensor:
@@ -236,18 +336,40 @@ def _reduce(kv: Tensor, grad: Tensor) -> Tensor:
     return grad if h == hk else grad.float().reshape(b, s, hk, h // hk, d).sum(3)
 
 
-_AVAILABLE: dict[tuple[str, torch.device, torch.dtype], bool] = {}
+_AVAILABLE: dict[tuple[str, torch.device, torch.dtype, int, bool], bool] = {}
 
 
-def _available(op: Op, q: Tensor) -> bool:
-    """Whether ``op`` runs here, forward and backward (tried once per device, dtype and head_dim)."""
-    key = (op.name, q.device, q.dtype, q.shape[-1])
+def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
+    """Whether ``op`` (or its ragged form) runs here, forward and backward, and agrees with itself (tried once
+    per device, dtype and head_dim)."""
+    key = (op.name, q.device, q.dtype, q.shape[-1], ragged)
     if key not in _AVAILABLE:
         try:
-            x = torch.randn(1, 2, 16, q.shape[-1], device=q.device, dtype=q.dtype)
-            out, lse = op.forward(x, x, x, True, 1.0)
-            grads = op.backward(x, x, x, x, out, lse, True, 1.0)
-            _AVAILABLE[key] = all(bool(torch.isfinite(g).all()) for g in grads)
-        except (RuntimeError, TypeError, IndexError):
+            _AVAILABLE[key] = _try_ragged(op, q) if ragged else _try(op, q)
+        except (RuntimeError, TypeError, IndexError, NotImplementedError):
             _AVAILABLE[key] = False
     return _AVAILABLE[key]
+
+
+def _try(op: Op, q: Tensor) -> bool:
+    x = torch.randn(1, 2, 16, q.shape[-1], device=q.device, dtype=q.dtype)
+    out, lse = op.forward(x, x, x, True, 1.0)
+    grads = op.backward(x, x, x, x, out, lse, True, 1.0)
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _try_ragged(op: Op, q: Tensor) -> bool:
+    """Two documents of 16 and 48 tokens through the ragged op against the dense op on each one."""
+    from ring_sp.kernels.visibility import BlockDocuments
+
+    x = torch.randn(64, 2, q.shape[-1], device=q.device, dtype=q.dtype)
+    ids = torch.tensor([[0] * 16 + [1] * 48], dtype=torch.int32, device=q.device)
+    docs = BlockDocuments(ids, ids, ((16, 16), (48, 48))).ragged()
+    out, lse = op.ragged_forward(x, x, x, docs, True, 1.0)
+    grads = op.ragged_backward(x, x, x, x, out, lse, docs, True, 1.0)
+    ok = all(bool(torch.isfinite(g).all()) for g in grads)
+    for part in (slice(0, 16), slice(16, 64)):
+        want, want_lse = op.forward(*_heads_first(x[part], x[part], x[part]), True, 1.0)
+        ok = ok and torch.allclose(out[part].float(), want[0].transpose(0, 1).float(), atol=2e-2, rtol=2e-2)
+        ok = ok and torch.allclose(lse[part].float(), want_lse[0].t().float(), atol=2e-2, rtol=2e-2)
+    return ok

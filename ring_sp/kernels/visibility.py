@@ -9,6 +9,7 @@ accepts or declines the block (``Backend.unsupported``); a new kind of mask is a
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -16,18 +17,46 @@ from torch import Tensor
 from ring_sp.band import Band
 
 
+class Ragged(NamedTuple):
+    """A block's documents as a batch of variable-length sequences, for kernels that take boundaries.
+
+    runs: (query rows, key columns) of each document, in order, batch element after batch element;
+    cu_q, cu_k: their cumulative sums from 0 (int32, on the block's device); max_q, max_k: the longest.
+    """
+
+    runs: tuple[tuple[int, int], ...]
+    cu_q: Tensor
+    cu_k: Tensor
+    max_q: int
+    max_k: int
+
+
 class BlockDocuments:
     """Document ids of a block's query rows ``q`` (batch, sq) and key columns ``k`` (batch, sk), int32,
     non-decreasing along each row (positions increase with the local index in every layout).
 
     The row and column ranges each document covers in the other axis are computed on the device
-    once, on first use, and kept (the backward reuses the forward's).
+    once, on first use, and kept (the backward reuses the forward's). ``runs`` (from the schedule, when
+    every batch element shares the documents): each document's (query rows, key columns), in order.
     """
 
-    def __init__(self, q: Tensor, k: Tensor):
+    def __init__(self, q: Tensor, k: Tensor, runs: tuple[tuple[int, int], ...] = ()):
         self.q, self.k = q.contiguous(), k.contiguous()
+        self.runs = runs
         self._key_ranges: tuple[Tensor, Tensor] | None = None
         self._query_ranges: tuple[Tensor, Tensor] | None = None
+        self._ragged: Ragged | None = None
+
+    def ragged(self) -> Ragged:
+        """The runs of every batch element, with their cumulative sums on the device (built once)."""
+        if self._ragged is None:
+            runs = self.runs * self.q.shape[0]
+            bounds = [(0, 0)]
+            for rows, cols in runs:
+                bounds.append((bounds[-1][0] + rows, bounds[-1][1] + cols))
+            cu = torch.tensor(bounds, dtype=torch.int32).t().contiguous().to(self.q.device, non_blocking=True)
+            self._ragged = Ragged(runs, cu[0], cu[1], max(r for r, _ in runs), max(c for _, c in runs))
+        return self._ragged
 
     def same(self, rows: slice, cols: slice) -> Tensor:
         """(batch, rows, cols) bool: which cells of the tile share a document."""
