@@ -8,8 +8,8 @@ ones (``--long``), causal, bf16, 32/8 heads, head_dim 128. Rates count useful FL
 causal pairs inside each document, 4·heads·head_dim per pair forward, 3.5× that forward+backward.
 Rows: PyTorch's ``varlen_attn`` (flash-attention 2) on the packed sequence; cuDNN's causal SDPA on
 one dense ``--dense-seq`` sequence (no documents: its rate is the anchor); the ring with documents
-for each layout (and document grids, ``ring_sp.schedule.DOCUMENT_GRID``); the same ring without documents
-(wall time).
+for each layout (its own plan: whole blocks for cuDNN's ragged op; and document grids for Triton,
+``--grid``); the same ring without documents (wall time).
 Prints a table, writes results.json, results.md and results.png under --out.
 """
 
@@ -27,10 +27,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks import plots  # noqa: E402
 from benchmarks.common import env_line, environment, randn, sdpa_kernel, table, throughput_ms, write_results  # noqa: E402
-from ring_sp import merge, ring_attention_simulated, schedule, split  # noqa: E402
+from ring_sp import attention, merge, ring_attention_simulated, schedule, split  # noqa: E402
+from ring_sp.options import RingOptions  # noqa: E402
 from ring_sp.reference import rel_err  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
+_takes_whole = attention._takes_whole
 
 
 def document_lengths(seq: int, median: int, long: list[int], seed: int = 0) -> list[int]:
@@ -83,8 +85,13 @@ def dense_row(seq: int) -> dict:
                 flops=useful_flops([seq], False))
 
 
-def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: int | None) -> dict:
-    schedule.DOCUMENT_GRID = grid
+def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: int | str | None) -> dict:
+    """``grid`` "whole": the ring's own choice (whole blocks for cuDNN's ragged op where it takes them); an int
+    or None: the document grid, with whole blocks switched off."""
+    whole = grid == "whole"
+    attention._takes_whole = _takes_whole if whole else (lambda *args: False)
+    if not whole:
+        schedule.DOCUMENT_GRID = grid
     qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
     qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
 
@@ -96,8 +103,8 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: i
         torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu), dos)
 
     t_f, t_fb = _time(fwd, fwd_bwd)
-    sched = schedule.plan(layout, world, q.shape[1] // world, causal=True,
-                          documents=None if cu is None else (tuple(cu),), document_grid=grid)
+    sched = attention._plan(RingOptions(causal=True, layout=layout), None if cu is None else (tuple(cu),), world,
+                            qs[0], ks[0], None)
     docs = "documents" if cu is not None else "no documents"
     row = dict(kind=f"ring W={world} {layout}, {docs}" + (f", grid {grid}" if cu is not None else ""),
                fwd_ms=t_f, fwd_bwd_ms=t_fb, counts=vars(sched.counts))
@@ -106,9 +113,10 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: i
     return row
 
 
-def grid_value(text: str) -> int | None:
-    """A ``--grid`` value: an int, or ``none`` (``ring_sp.schedule.DOCUMENT_GRID = None``)."""
-    return None if text.lower() == "none" else int(text)
+def grid_value(text: str) -> int | str | None:
+    """A ``--grid`` value: ``whole`` (the ring's own plan), an int, or ``none`` (``ring_sp.schedule.DOCUMENT_GRID =
+    None``)."""
+    return "whole" if text.lower() == "whole" else None if text.lower() == "none" else int(text)
 
 
 def main(argv=None) -> None:
@@ -119,8 +127,10 @@ def main(argv=None) -> None:
     p.add_argument("--long", type=int, nargs="*", default=[32768, 40960])
     p.add_argument("--dense-seq", type=int, default=32768)
     p.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag", "striped"])
-    p.add_argument("--grid", type=grid_value, nargs="+", default=[schedule.DOCUMENT_GRID],
-                   help="document grids to try (the first layout only gets all of them; none: whole blocks only)")
+    p.add_argument("--grid", type=grid_value, nargs="+", default=["whole", schedule.DOCUMENT_GRID],
+                   help="plans to try (the first layout gets all of them): whole (the ring's own choice: uncut blocks "
+                        "for cuDNN's ragged op), or a document grid for Triton's masked blocks (none: unmasked only "
+                        "where a document fills a block)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = environment()
@@ -145,7 +155,7 @@ def main(argv=None) -> None:
             rows.append(row)
             print(row, flush=True)
     schedule.DOCUMENT_GRID = default_grid
-    rows.append(ring_row(q, k, v, do, args.world, args.layouts[0], None, default_grid))
+    rows.append(ring_row(q, k, v, do, args.world, args.layouts[0], None, "whole"))
     for row in rows:
         f_fwd, f_fb = docs_flops
         if "flops" in row:

@@ -88,9 +88,10 @@ def test_ring_on_gpu_matches_reference(backend, dtype, world):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("world,grid", [(2, 64), (8, 64), (2, None), (8, None)])
 def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypatch):
-    """Packed documents (lengths 1 to 300, one per batch element list too): the parts of long ones on the
-    grid on their own blocks (cuDNN under auto), the rest grouped and masked per document in the Triton
-    kernel; grid None: only documents filling a whole block go unmasked."""
+    """Packed documents (lengths 1 to 300). Under auto with contiguous and zigzag, blocks of several documents
+    stay whole for cuDNN's ragged op; with striped, and with triton, the parts of long documents on the grid get
+    their own blocks (cuDNN under auto), the rest grouped and masked per document in the Triton kernel; grid
+    None: only documents filling a whole block go unmasked."""
     monkeypatch.setattr(schedule, "DOCUMENT_GRID", grid)
     seq, failures = world * LOCAL, []
     g = torch.Generator().manual_seed(world)
@@ -114,6 +115,23 @@ def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypat
             if not err <= bound:
                 failures.append(f"{layout} causal={causal} kv={kv_heads} d={head_dim} {name}: {err:.2e} > {bound:.2e}")
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_cudnn_ragged_op_takes_document_blocks(dtype):
+    """cuDNN's ragged attention (PyTorch's aten._cudnn_attention_forward with cumulative lengths) runs here and
+    agrees with the dense op on each document, so auto keeps blocks of several documents whole for it."""
+    from ring_sp import attention
+    from ring_sp.kernels import sdpa_backend
+    from ring_sp.options import RingOptions
+
+    if not hasattr(torch.ops.aten, "_cudnn_attention_forward"):
+        pytest.skip("this PyTorch has no ragged cuDNN attention op")
+    q = torch.randn(1, 64, 8, 128, device="cuda", dtype=dtype)
+    k = torch.randn(1, 64, 2, 128, device="cuda", dtype=dtype)
+    assert sdpa_backend._available(sdpa_backend.OPS["cudnn"], q, ragged=True)
+    sched = attention._plan(RingOptions(causal=True), ((0, 5, 40, 100, 128),), 2, q, k, None)
+    assert any(b.runs for step in sched.steps for blocks in step for b in blocks)
 
 
 def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):
