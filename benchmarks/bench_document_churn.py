@@ -7,8 +7,9 @@ per shape (cuDNN's execution plans, Triton's compiled variants) is built once an
 every batch packs different documents. This script runs ``--steps`` forward+backward passes of the
 simulated ring, each on its own document lengths (Megatron-LM's mock data: uniform in [1, 4096), or
 log-normal with ``--median``), then the same passes again ("the same again": the same work, with every
-plan and compiled variant the first pass built already cached), for each ``--grid``
-(``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the rest to Triton's masked
+plan and compiled variant the first pass built already cached), for each ``--grid`` (``whole``: the ring's
+own plan, blocks of several documents uncut for cuDNN's ragged op; a number or ``none``: the document grid,
+``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the rest to Triton's masked
 blocks). Also
 PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step.
 """
@@ -23,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, grid_value, useful_flops  # noqa: E402
+from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, grid_value, use_plan, useful_flops  # noqa: E402
 from benchmarks.common import env_line, environment, randn, table, write_results  # noqa: E402
 from ring_sp import ring_attention_simulated, schedule, split  # noqa: E402
 
@@ -86,9 +87,9 @@ def main(argv=None) -> None:
     p.add_argument("--layout", default="contiguous")
     p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
     p.add_argument("--median", type=int, default=3500)
-    p.add_argument("--grid", type=grid_value, nargs="+", default=[1024, None],
-                   help="document grids (ring_sp.schedule.DOCUMENT_GRID; none: unmasked only where a document "
-                   "fills a whole block)")
+    p.add_argument("--grid", type=grid_value, nargs="+", default=["whole", schedule.DOCUMENT_GRID],
+                   help="whole (the ring's own plan) or document grids (ring_sp.schedule.DOCUMENT_GRID; none: "
+                   "unmasked only where a document fills a whole block)")
     p.add_argument("--backends", nargs="*", default=["sdpa_flash"],
                    help="also these block backends, every document piece a block of its own (grid 1)")
     p.add_argument("--steps", type=int, default=5)
@@ -109,12 +110,13 @@ def main(argv=None) -> None:
         runs += [(f"ring {opts.layout}, {backend}, every document its own block", 1, backend)
                  for backend in opts.backends]
         for name, grid, backend in runs:
-            schedule.DOCUMENT_GRID = grid
+            use_plan(grid)
             step = lambda cu: ring_step(q, k, v, do, world, opts.layout, cu, backend)  # noqa: E731
             for label, docs in (("fresh each step", fresh), ("the same again", fresh)):
                 ms = timed(step, docs)
                 rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9))
                 print(rows[-1], flush=True)
+        use_plan("whole")
         schedule.DOCUMENT_GRID = default_grid
         if opts.no_varlen:
             continue

@@ -88,10 +88,7 @@ def dense_row(seq: int) -> dict:
 def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: int | str | None) -> dict:
     """``grid`` "whole": the ring's own choice (whole blocks for cuDNN's ragged op where it takes them); an int
     or None: the document grid, with whole blocks switched off."""
-    whole = grid == "whole"
-    attention._takes_whole = _takes_whole if whole else (lambda *args: False)
-    if not whole:
-        schedule.DOCUMENT_GRID = grid
+    use_plan(grid)
     qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
     qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
 
@@ -111,6 +108,13 @@ def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: i
     if cu is not None:
         row["out"] = merge(fwd(), layout)
     return row
+
+
+def use_plan(grid: int | str | None) -> None:
+    """Plan "whole" (the ring's own choice) or with document grid ``grid`` (whole blocks switched off)."""
+    attention._takes_whole = _takes_whole if grid == "whole" else (lambda *args: False)
+    if grid != "whole":
+        schedule.DOCUMENT_GRID = grid
 
 
 def grid_value(text: str) -> int | str | None:
