@@ -12,9 +12,9 @@ the ops' own top-left causal mask, and rows below c see nothing of the block. Wi
 masks are left to other backends.
 
 Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
-as a batch of variable-length sequences, one per document: cuDNN's (``aten._cudnn_attention_forward``
-with cumulative lengths) on CUDA, one CPU kernel call per document on the CPU. Full blocks, and
-causal ones whose every document holds as many rows as columns (its own causal square).
+as a batch of variable-length sequences, one per document: cuDNN's through NVIDIA's cudnn-frontend on
+CUDA where it is installed, one CPU kernel call per document on the CPU. Full blocks, and causal ones
+whose every document holds as many rows as columns (its own causal square).
 """
 
 from __future__ import annotations
@@ -99,15 +99,28 @@ def _cpu_bwd(do, q, k, v, out, lse, causal, scale):
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal, scale=scale)
 
 
+# cuDNN's ragged attention through NVIDIA's cudnn-frontend (``pip install nvidia-cudnn-frontend``), which keeps
+# one execution plan per shape. (PyTorch's own ragged cuDNN op, aten._cudnn_attention_forward with cumulative
+# lengths, builds a new plan on every call in torch 2.11: measured 65 ms a 16k block.)
+def _cudnn_frontend_ops():
+    import cudnn.sdpa.fwd.torch_op as frontend  # registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd
+
+    return frontend
+
+
 def _cudnn_ragged_fwd(q, k, v, docs: Ragged, causal, scale):
-    out, lse, *_ = aten._cudnn_attention_forward(q, k, v, None, docs.cu_q, docs.cu_k, docs.max_q, docs.max_k, True,
-                                                 0.0, causal, False, scale=scale)
+    _cudnn_frontend_ops()
+    out, lse = torch.ops.cudnn.sdpa_fwd(q, k, v, scale, is_causal=causal, cu_seqlens_q=docs.cu_q,
+                                        cu_seqlens_kv=docs.cu_k, max_seqlen_q=docs.max_q, max_seqlen_kv=docs.max_k,
+                                        return_lse=True)
     return out, lse.reshape(q.shape[:2])
 
 
 def _cudnn_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
-    return aten._cudnn_attention_backward(do, q, k, v, out, lse.unsqueeze(-1), None, None, None, docs.cu_q,
-                                          docs.cu_k, docs.max_q, docs.max_k, 0.0, causal, scale=scale)
+    frontend = _cudnn_frontend_ops()
+    padded = frontend.thd_lse_to_padded(lse, docs.cu_q, docs.max_q)  # the backward takes (docs, heads, longest)
+    return torch.ops.cudnn.sdpa_bwd(do, q, k, v, out, padded, scale, is_causal=causal, cu_seqlens_q=docs.cu_q,
+                                    cu_seqlens_kv=docs.cu_k, max_seqlen_q=docs.max_q, max_seqlen_kv=docs.max_k)
 
 
 def _each_document(docs: Ragged):
@@ -346,7 +359,7 @@ def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
     if key not in _AVAILABLE:
         try:
             _AVAILABLE[key] = _try_ragged(op, q) if ragged else _try(op, q)
-        except (RuntimeError, TypeError, IndexError, NotImplementedError):
+        except (ImportError, OSError, RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
             _AVAILABLE[key] = False
     return _AVAILABLE[key]
 
@@ -362,14 +375,18 @@ def _try_ragged(op: Op, q: Tensor) -> bool:
     """Two documents of 16 and 48 tokens through the ragged op against the dense op on each one."""
     from ring_sp.kernels.visibility import BlockDocuments
 
-    x = torch.randn(64, 2, q.shape[-1], device=q.device, dtype=q.dtype)
     ids = torch.tensor([[0] * 16 + [1] * 48], dtype=torch.int32, device=q.device)
     docs = BlockDocuments(ids, ids, ((16, 16), (48, 48))).ragged()
-    out, lse = op.ragged_forward(x, x, x, docs, True, 1.0)
-    grads = op.ragged_backward(x, x, x, x, out, lse, docs, True, 1.0)
-    ok = all(bool(torch.isfinite(g).all()) for g in grads)
+    scale = q.shape[-1] ** -0.5
+    q, k, v, do = (torch.randn(64, 2, q.shape[-1], device=q.device, dtype=q.dtype) for _ in range(4))
+    out, lse = op.ragged_forward(q, k, v, docs, True, scale)
+    grads = op.ragged_backward(do, q, k, v, out, lse, docs, True, scale)
+    close = lambda a, b: torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)  # noqa: E731
+    ok = True
     for part in (slice(0, 16), slice(16, 64)):
-        want, want_lse = op.forward(*_heads_first(x[part], x[part], x[part]), True, 1.0)
-        ok = ok and torch.allclose(out[part].float(), want[0].transpose(0, 1).float(), atol=2e-2, rtol=2e-2)
-        ok = ok and torch.allclose(lse[part].float(), want_lse[0].t().float(), atol=2e-2, rtol=2e-2)
+        parts = _heads_first(q[part], k[part], v[part])
+        want, want_lse = op.forward(*parts, True, scale)
+        want_grads = op.backward(*_heads_first(do[part]), *parts, want, want_lse, True, scale)
+        ok = ok and close(out[part], want[0].transpose(0, 1)) and close(lse[part], want_lse[0].t())
+        ok = ok and all(close(g[part], w[0].transpose(0, 1)) for g, w in zip(grads, want_grads))
     return ok

@@ -20,8 +20,10 @@ from ring_sp.band import Band
 class Ragged(NamedTuple):
     """A block's documents as a batch of variable-length sequences, for kernels that take boundaries.
 
-    runs: (query rows, key columns) of each document, in order, batch element after batch element;
-    cu_q, cu_k: their cumulative sums from 0 (int32, on the block's device); max_q, max_k: the longest.
+    runs: (query rows, key columns) of each document, in order, batch element after batch element, then
+    empty documents up to a power-of-two count; cu_q, cu_k: their cumulative sums from 0 (int32, on the block's
+    device); max_q, max_k: bounds on the longest, powers of two. (cuDNN builds a plan per count and bound:
+    rounded, a few plans serve every batch.)
     """
 
     runs: tuple[tuple[int, int], ...]
@@ -51,11 +53,13 @@ class BlockDocuments:
         """The runs of every batch element, with their cumulative sums on the device (built once)."""
         if self._ragged is None:
             runs = self.runs * self.q.shape[0]
+            runs += ((0, 0),) * (_power_of_two(len(runs)) - len(runs))
             bounds = [(0, 0)]
             for rows, cols in runs:
                 bounds.append((bounds[-1][0] + rows, bounds[-1][1] + cols))
             cu = torch.tensor(bounds, dtype=torch.int32).t().contiguous().to(self.q.device, non_blocking=True)
-            self._ragged = Ragged(runs, cu[0], cu[1], max(r for r, _ in runs), max(c for _, c in runs))
+            longest = [_power_of_two(max(r for r, _ in runs)), _power_of_two(max(c for _, c in runs))]
+            self._ragged = Ragged(runs, cu[0], cu[1], *longest)
         return self._ragged
 
     def same(self, rows: slice, cols: slice) -> Tensor:
@@ -75,6 +79,10 @@ class BlockDocuments:
             self._query_ranges = (torch.searchsorted(self.q, self.k, out_int32=True),
                                   torch.searchsorted(self.q, self.k, right=True, out_int32=True))
         return self._query_ranges
+
+
+def _power_of_two(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
 
 
 @dataclass(eq=False)
