@@ -103,8 +103,10 @@ def _cpu_bwd(do, q, k, v, out, lse, causal, scale):
 # one execution plan per shape. (PyTorch's own ragged cuDNN op, aten._cudnn_attention_forward with cumulative
 # lengths, builds a new plan on every call in torch 2.11: measured 65 ms a 16k block.)
 def _cudnn_frontend_ops():
-    import cudnn.sdpa.fwd.torch_op as frontend  # registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd
-
+    try:
+        import cudnn.sdpa.fwd.torch_op as frontend  # registers torch.ops.cudnn.sdpa_fwd / sdpa_bwd
+    except Exception as error:  # not installed, or it cannot load cuDNN here: the grid plan serves documents
+        raise ImportError(f"cudnn-frontend's SDPA ops are not usable: {error}") from error
     return frontend
 
 
