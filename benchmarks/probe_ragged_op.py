@@ -1,0 +1,98 @@
+"""The sdpa backend's ragged op on CUDA (cuDNN through cudnn-frontend) on one 16k block of documents.
+
+    python3 benchmarks/probe_ragged_op.py
+
+Per document set: the first call's time (plan building), the largest error against dense cuDNN on each
+document (output, log-sum-exp, dq, dk, dv), TFLOP/s forward and forward+backward (useful FLOPs); then fresh
+documents every call (new counts and lengths: what the power-of-two rounding leaves to build), and dense
+cuDNN causal on the whole block as the anchor. Prints lines; needs a GPU and ``nvidia-cudnn-frontend``.
+Written 2026-12-07 and not yet run: no GPU could be started that day.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths  # noqa: E402
+from ring_sp.kernels import sdpa_backend  # noqa: E402
+from ring_sp.kernels.visibility import BlockDocuments  # noqa: E402
+
+SEQ = 16384
+SCALE = HEAD_DIM ** -0.5
+OP = sdpa_backend.OPS["cudnn"]
+
+
+def ragged(lengths: list[int]):
+    ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None].to(torch.int32)
+    return BlockDocuments(ids.cuda(), ids.cuda(), tuple((n, n) for n in lengths)).ragged()
+
+
+def seconds(fn, reps: int = 1) -> float:
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps
+
+
+def flops(lengths: list[int], backward: bool = False) -> float:
+    return 4 * HEADS * HEAD_DIM * sum(n * (n + 1) // 2 for n in lengths) * (3.5 if backward else 1.0)
+
+
+def errors(lengths, q, k, v, do, out, lse, grads) -> dict[str, float]:
+    """Largest absolute difference from dense cuDNN run on each document alone."""
+    worst, start = dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 0.0), 0
+    for n in lengths:
+        rows = slice(start, start + n)
+        start += n
+        part = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]
+        want, want_lse = OP.forward(*part, True, SCALE)
+        want_grads = OP.backward(do[rows].transpose(0, 1)[None], *part, want, want_lse, True, SCALE)
+        pairs = [("out", out[rows], want[0].transpose(0, 1)), ("lse", lse[rows], want_lse[0].t())]
+        pairs += [(name, g[rows], w[0].transpose(0, 1)) for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads)]
+        for name, got, ref in pairs:
+            worst[name] = max(worst[name], (got.float() - ref.float()).abs().max().item())
+    return worst
+
+
+def main() -> None:
+    sdpa_backend._cudnn_frontend_ops()
+    q = torch.randn(SEQ, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(SEQ, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    for lengths in ([2376, 14008], document_lengths(SEQ, 3500, [], seed=1), [1, 5, 300, 16078]):
+        docs = ragged(lengths)
+        fwd = lambda: OP.ragged_forward(q, k, v, docs, True, SCALE)  # noqa: E731
+        first = seconds(fwd)
+        out, lse = fwd()
+        first_bwd = seconds(lambda: OP.ragged_backward(do, q, k, v, out, lse, docs, True, SCALE))
+        grads = OP.ragged_backward(do, q, k, v, out, lse, docs, True, SCALE)
+        print(f"{len(lengths)} documents ({len(docs.runs)} with padding, longest bound {docs.max_q}): first call "
+              f"{first:.2f} s forward, {first_bwd:.2f} s backward", flush=True)
+        print("  largest error against dense cuDNN per document:",
+              {name: f"{e:.1e}" for name, e in errors(lengths, q, k, v, do, out, lse, grads).items()})
+        t_f = seconds(fwd, 10)
+        t_fb = seconds(lambda: OP.ragged_backward(do, q, k, v, *fwd(), docs, True, SCALE), 10)
+        print(f"  forward {t_f * 1e3:.2f} ms ({flops(lengths) / t_f / 1e12:.0f} TFLOP/s), forward+backward "
+              f"{t_fb * 1e3:.2f} ms ({flops(lengths, True) / t_fb / 1e12:.0f} TFLOP/s)", flush=True)
+    fresh = []
+    for seed in range(10, 16):
+        docs = ragged(document_lengths(SEQ, 3500, [], seed=seed))
+        t = seconds(lambda: OP.ragged_backward(do, q, k, v, *OP.ragged_forward(q, k, v, docs, True, SCALE), docs,
+                                               True, SCALE))
+        fresh.append(f"{len(docs.runs)} docs / {docs.max_q}: {t * 1e3:.0f} ms")
+    print("fresh documents, forward+backward:", "; ".join(fresh))
+    dense = [t.transpose(0, 1)[None] for t in (q, k, v)]
+    t_d = seconds(lambda: OP.forward(*dense, True, SCALE), 10)
+    print(f"dense cuDNN causal on the 16k block: forward {t_d * 1e3:.2f} ms ({flops([SEQ]) / t_d / 1e12:.0f} TFLOP/s)")
+    print("the sdpa backend takes ragged blocks:", sdpa_backend._available(OP, q[None], ragged=True))
+
+
+if __name__ == "__main__":
+    main()
