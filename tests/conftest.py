@@ -19,9 +19,12 @@ from tests.dist_pool import DistPool  # noqa: E402
 torch.set_num_threads(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def dist_pool():
-    """dist_pool(world) -> a DistPool of that many gloo ranks, shared by the whole session."""
+    """dist_pool(world) -> a DistPool of that many gloo ranks, shared by the tests of one module. Not by the
+    whole session: process groups that jobs create and destroy keep their gloo threads in the workers (seen:
+    420 threads in a worker late in a session, each idle worker at 18% of a core, load average near 100 on
+    2 cores, and the last modules' torchrun jobs timing out), so each module's workers exit with it."""
     pools: dict[int, DistPool] = {}
 
     def get(world: int) -> DistPool:

@@ -99,7 +99,7 @@ def test_huge_learning_rate_ends_the_job_with_one_line(config, tmp_path):
     assert first_bad >= 2 and _tags(save) == [f"iter_{i:07d}" for i in range(1, first_bad)]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def saved(dist_pool, config, tmp_path_factory) -> str:
     """A checkpoint directory with iter_0000001 and iter_0000002 (ring 2, ZeRO-1, 2 ranks)."""
     save = str(tmp_path_factory.mktemp("saved") / "ckpt")
