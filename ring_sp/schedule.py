@@ -209,16 +209,23 @@ def _global_span(seg: Segment, lo: int, hi: int) -> tuple[int, int]:
     return at(lo), at(hi - 1)
 
 
-def _document_pieces(q: Segment, k: Segment, base: Block, bounds: tuple[int, ...]) -> list[Block]:
-    """The visible part of ``base`` (a block of q × k) inside each document, in document order."""
-    q_first, q_last = _global_span(q, base.q_start, base.q_stop)
-    k_first, k_last = _global_span(k, base.k_start, base.k_stop)
-    first, last = max(q_first, k_first), min(q_last, k_last)
-    pieces = []
+def _clipped(q: Segment, k: Segment, block: Block, bounds: tuple[int, ...], overlap: bool):
+    """(r0, r1, c0, c1): the rows and columns of ``block`` (local indices, possibly empty) in each document, in
+    order, over the documents that may hold both a row and a column of it (``overlap``) or either."""
+    (q_first, q_last), (k_first, k_last) = (_global_span(q, block.q_start, block.q_stop),
+                                            _global_span(k, block.k_start, block.k_stop))
+    lo, hi = (max, min) if overlap else (min, max)
+    first, last = lo(q_first, k_first), hi(q_last, k_last)
     for d in range(bisect.bisect_right(bounds, first) - 1, bisect.bisect_right(bounds, last)):
         r0, r1 = _local_range(q, bounds[d], bounds[d + 1])
         c0, c1 = _local_range(k, bounds[d], bounds[d + 1])
-        r0, r1, c0, c1 = max(r0, base.q_start), min(r1, base.q_stop), max(c0, base.k_start), min(c1, base.k_stop)
+        yield max(r0, block.q_start), min(r1, block.q_stop), max(c0, block.k_start), min(c1, block.k_stop)
+
+
+def _document_pieces(q: Segment, k: Segment, base: Block, bounds: tuple[int, ...]) -> list[Block]:
+    """The visible part of ``base`` (a block of q × k) inside each document, in document order."""
+    pieces = []
+    for r0, r1, c0, c1 in _clipped(q, k, base, bounds, overlap=True):
         if r0 < r1 and c0 < c1:
             piece = _sub_block(base, r0, r1, c0, c1)
             if piece is not None:
@@ -292,18 +299,8 @@ def _group(base: Block, pieces: list[Block], grid: int | None) -> list[Block]:
 
 def _runs(q: Segment, k: Segment, block: Block, bounds: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
     """(query rows, key columns) of ``block`` in each document that holds any of them, in document order."""
-    spans = (_global_span(q, block.q_start, block.q_stop), _global_span(k, block.k_start, block.k_stop))
-    first = bisect.bisect_right(bounds, min(spans[0][0], spans[1][0])) - 1
-    last = bisect.bisect_right(bounds, max(spans[0][1], spans[1][1]))
-    runs = []
-    for d in range(first, last):
-        r0, r1 = _local_range(q, bounds[d], bounds[d + 1])
-        c0, c1 = _local_range(k, bounds[d], bounds[d + 1])
-        rows = max(0, min(r1, block.q_stop) - max(r0, block.q_start))
-        cols = max(0, min(c1, block.k_stop) - max(c0, block.k_start))
-        if rows or cols:
-            runs.append((rows, cols))
-    return tuple(runs)
+    runs = ((max(0, r1 - r0), max(0, c1 - c0)) for r0, r1, c0, c1 in _clipped(q, k, block, bounds, overlap=False))
+    return tuple(run for run in runs if any(run))
 
 
 def _segment_blocks(q: Segment, k: Segment, causal: bool, lookback: int | None, documents: Documents | None,

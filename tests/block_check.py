@@ -81,9 +81,11 @@ def check_block(backend_name: str, *, sq: int, sk: int, heads: int, kv_heads: in
     mask = (torch.rand(2, sk, generator=g) > 0.25) if masked else None
     if masked:
         mask[0, : sk // 2] = False
-    q_doc, k_doc, runs = (*(random_documents(2, n, g) for n in (sq, sk)), ()) if documents else (None, None, ())
+    q_doc, k_doc, runs = None, None, ()
     if documents == "runs":
         q_doc, k_doc, runs = listed_documents(sq, sk, g, same=band.lo is not None)
+    elif documents:
+        q_doc, k_doc = (random_documents(2, n, g) for n in (sq, sk))
     scale = head_dim ** -0.5
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
     qc, k1c, v1c, k2c, v2c, doc = map(cast, (q, k1, v1, k2, v2, do))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ring_sp.band import Band
 from ring_sp.kernels.state import State, state_dtype
-from ring_sp.kernels.visibility import Ragged, Visibility
+from ring_sp.kernels.visibility import BlockDocuments, Ragged, Visibility
 
 aten = torch.ops.aten
 
@@ -375,8 +375,6 @@ def _try(op: Op, q: Tensor) -> bool:
 
 def _try_ragged(op: Op, q: Tensor) -> bool:
     """Two documents of 16 and 48 tokens through the ragged op against the dense op on each one."""
-    from ring_sp.kernels.visibility import BlockDocuments
-
     ids = torch.tensor([[0] * 16 + [1] * 48], dtype=torch.int32, device=q.device)
     docs = BlockDocuments(ids, ids, ((16, 16), (48, 48))).ragged()
     scale = q.shape[-1] ** -0.5
