@@ -19,21 +19,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import env_line, environment, table, write_results  # noqa: E402
+from benchmarks.common import env_line, environment, table, throughput_ms, write_results  # noqa: E402
 
 Q, K, V, O, STATS, DO, DQ, DK, DV = range(1, 10)
-
-
-def _time_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def _graph(cudnn, handle, backward: bool, tensors: dict, scale: float):
@@ -88,7 +76,7 @@ def probe(heads: int, kv_heads: int, head_dim: int, seq: int) -> list[dict]:
     want_grads = torch_bwd()
     fwd_flops = 4 * heads * head_dim * seq * (seq + 1) / 2
     rows = [{"shape": f"{heads}/{kv_heads} heads, d {head_dim}, seq {seq}", "pass": p, "plan": "PyTorch (aten)",
-             "ms": _time_ms(fn), "err": 0.0} for p, fn in (("fwd", torch_fwd), ("bwd", torch_bwd))]
+             "ms": throughput_ms(fn), "err": 0.0} for p, fn in (("fwd", torch_fwd), ("bwd", torch_bwd))]
     for row in rows:
         row["TFLOP/s"] = fwd_flops * (2.5 if row["pass"] == "bwd" else 1.0) / row["ms"] / 1e9
     for backward in (False, True):
@@ -109,7 +97,7 @@ def probe(heads: int, kv_heads: int, head_dim: int, seq: int) -> list[dict]:
             try:
                 ws = torch.empty(max(g.get_workspace_size_plan_at_index(index), 1), dtype=torch.uint8, device="cuda")
                 run = lambda: g.execute_plan_at_index(tensors, ws, index=index, handle=handle)  # noqa: E731,B023
-                ms = _time_ms(run)
+                ms = throughput_ms(run)
             except Exception as error:
                 print(f"    plan {index} {name}: {str(error)[:200]}", flush=True)
                 continue

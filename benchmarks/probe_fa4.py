@@ -14,34 +14,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.common import env_line, environment, table, write_results  # noqa: E402
+from benchmarks.common import env_line, environment, table, throughput_ms, write_results  # noqa: E402
+from benchmarks.probe_ragged_op import seconds  # noqa: E402
 
 aten = torch.ops.aten
-
-
-def _ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def _first(fn) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def _diff(a, b) -> float:
@@ -72,22 +52,22 @@ def dense(fa4, heads: int, kv_heads: int, head_dim: int, seq: int) -> list[dict]
     name = f"{heads}/{kv_heads} heads, d {head_dim}, seq {seq}"
     flops = 4 * heads * head_dim * seq * (seq + 1) / 2
     rows = []
-    compile_fwd = _first(fa4_fwd)
+    compile_fwd = seconds(fa4_fwd)
     out_f, lse_f = fa4_fwd()[:2]
 
     def fa4_bwd():
         return fa4._flash_attn_bwd(q, k, v, out_f, do, lse_f, softmax_scale=scale, causal=True)
 
-    compile_bwd = _first(fa4_bwd)
+    compile_bwd = seconds(fa4_bwd)
     grads_c, grads_f = cudnn_bwd()[:3], fa4_bwd()[:3]
     print(f"{name}: FA4 first calls {compile_fwd:.1f} s forward, {compile_bwd:.1f} s backward; lse shape "
           f"{tuple(lse_f.shape)}", flush=True)
-    err_out = max(_diff(out_f, out_c.transpose(1, 2)), 0.0)
+    err_out = _diff(out_f, out_c.transpose(1, 2))
     err_lse = _diff(lse_f.reshape(lse_c.shape), lse_c)
     err_grad = max(_diff(f, c.transpose(1, 2)) for f, c in zip(grads_f, grads_c))
     for kernel, fwd, bwd, err in (("cuDNN (aten)", cudnn_fwd, cudnn_bwd, (0.0, 0.0)),
                                   ("FA4", fa4_fwd, fa4_bwd, (max(err_out, err_lse), err_grad))):
-        t_f, t_b = _ms(fwd), _ms(bwd)
+        t_f, t_b = throughput_ms(fwd), throughput_ms(bwd)
         rows.append({"case": name, "kernel": kernel, "fwd ms": t_f, "bwd ms": t_b,
                      "fwd TFLOP/s": flops / t_f / 1e9, "bwd TFLOP/s": 2.5 * flops / t_b / 1e9,
                      "f+b TFLOP/s": 3.5 * flops / (t_f + t_b) / 1e9, "err fwd": err[0], "err bwd": err[1]})
@@ -111,13 +91,13 @@ def varlen(fa4, seq: int = 16384) -> list[dict]:
     def fwd():
         return fa4._flash_attn_fwd(q, k, v, return_lse=True, **args)
 
-    compile_fwd = _first(fwd)
+    compile_fwd = seconds(fwd)
     out, lse = fwd()[:2]
 
     def bwd():
         return fa4._flash_attn_bwd(q, k, v, out, do, lse, **args)
 
-    compile_bwd = _first(bwd)
+    compile_bwd = seconds(bwd)
     grads = bwd()[:3]
     # cuDNN dense on each document alone, for the errors
     worst = [0.0, 0.0]
@@ -132,7 +112,7 @@ def varlen(fa4, seq: int = 16384) -> list[dict]:
         worst[0] = max(worst[0], _diff(out[a:b], o[0].transpose(0, 1)))
         worst[1] = max(worst[1], *(_diff(x[a:b], y[0].transpose(0, 1)) for x, y in zip(grads, g[:3])))
     flops = 4 * HEADS * HEAD_DIM * sum(n * (n + 1) / 2 for n in lengths)
-    t_f, t_b = _ms(fwd), _ms(bwd)
+    t_f, t_b = throughput_ms(fwd), throughput_ms(bwd)
     name = f"{len(lengths)} documents in {seq} tokens, {HEADS}/{KV_HEADS} heads, d {HEAD_DIM}"
     print(f"{name}: FA4 varlen first calls {compile_fwd:.1f} s forward, {compile_bwd:.1f} s backward; lse shape "
           f"{tuple(lse.shape)}", flush=True)
