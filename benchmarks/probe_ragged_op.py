@@ -6,7 +6,7 @@ Per document set: the first call's time (plan building), the largest error again
 document (output, log-sum-exp, dq, dk, dv), TFLOP/s forward and forward+backward (useful FLOPs); then fresh
 documents every call (new counts and lengths: what the power-of-two rounding leaves to build), and dense
 cuDNN causal on the whole block as the anchor. Prints lines; needs a GPU and ``nvidia-cudnn-frontend``.
-Written 2026-12-07 and not yet run: no GPU could be started that day.
+First run on an H100 on 2026-12-07: benchmarks/results/h100-2026-12-07/frontend_ragged_documents/.
 """
 
 from __future__ import annotations
@@ -46,14 +46,15 @@ def flops(lengths: list[int], backward: bool = False) -> float:
 
 
 def errors(lengths, q, k, v, do, out, lse, grads) -> dict[str, float]:
-    """Largest absolute difference from dense cuDNN run on each document alone."""
+    """Largest absolute difference from dense cuDNN run on each document alone (flash for one token)."""
     worst, start = dict.fromkeys(("out", "lse", "dq", "dk", "dv"), 0.0), 0
     for n in lengths:
         rows = slice(start, start + n)
         start += n
         part = [t[rows].transpose(0, 1)[None] for t in (q, k, v)]
-        want, want_lse = OP.forward(*part, True, SCALE)
-        want_grads = OP.backward(do[rows].transpose(0, 1)[None], *part, want, want_lse, True, SCALE)
+        dense = sdpa_backend.OPS["flash"] if n == 1 else OP  # cuDNN's backward refuses s_q = s_kv = 1
+        want, want_lse = dense.forward(*part, True, SCALE)
+        want_grads = dense.backward(do[rows].transpose(0, 1)[None], *part, want, want_lse, True, SCALE)
         pairs = [("out", out[rows], want[0].transpose(0, 1)), ("lse", lse[rows], want_lse[0].t())]
         pairs += [(name, g[rows], w[0].transpose(0, 1)) for name, g, w in zip(("dq", "dk", "dv"), grads, want_grads)]
         for name, got, ref in pairs:

@@ -117,6 +117,23 @@ def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypat
     assert not failures, "\n".join(failures[:20])
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa"])
+@pytest.mark.parametrize("layout", ["contiguous", "striped"])
+def test_one_token_shards_on_gpu(backend, layout):
+    """One token per rank: every block is 1 x 1, which cuDNN's backward refuses (s_q = s_kv = 1), so the sdpa
+    backend takes the next fused op for it."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v, do = (torch.randn(1, 4, 4, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(4))
+    for causal in (True, False):
+        ref = reference_grads(q, k, v, do, visible_pairs=_visible(4, causal, None))
+        qs, ks, vs = ([t.clone().requires_grad_() for t in split(x, layout, 4)] for x in (q, k, v))
+        outs = ring_attention_simulated(qs, ks, vs, causal=causal, layout=layout, backend=backend)
+        torch.autograd.backward(outs, split(do, layout, 4))
+        got = [merge(outs, layout)] + [merge([t.grad for t in ts], layout) for ts in (qs, ks, vs)]
+        errors = {name: rel_err(a, b) for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref)}
+        assert max(errors.values()) < 2e-2, (causal, errors)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cudnn_ragged_op_takes_document_blocks(dtype):
     """cuDNN's ragged attention (through cudnn-frontend, where it is installed) runs here and agrees with the

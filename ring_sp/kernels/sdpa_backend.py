@@ -241,10 +241,14 @@ class SdpaBackend:
         self.op_name = op
         self.name = "sdpa" if op is None else f"sdpa_{op}"
 
-    def _op(self, q: Tensor, ragged: bool = False) -> Op | None:
+    def _op(self, q: Tensor, ragged: bool = False, rows: int = 2, keys: int = 2) -> Op | None:
+        """The first op that takes ``q``'s device and dtype (and its ragged form) for a call of ``rows`` queries
+        on ``keys`` keys."""
         names = [self.op_name] if self.op_name else ["cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
+            if name == "cudnn" and rows == keys == 1:
+                continue  # cuDNN's backward refuses s_q = s_kv = 1 (cuDNN 9.19)
             if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
                     and _available(op, q, ragged)):
                 return op
@@ -260,8 +264,9 @@ class SdpaBackend:
         if docs is not None:
             return _unsupported_documents(docs.runs, band) or (
                 None if self._op(q, ragged=True) else f"no ragged (per-document) op for {q.dtype} on {q.device.type}")
-        if self._op(q) is None:
-            return f"no fused op for {q.dtype} on {q.device.type}"
+        row0, n_keys, _ = self._shifted(band, q.shape[1], k.shape[1])
+        if self._op(q, rows=q.shape[1] - row0, keys=n_keys) is None:
+            return f"no fused op for {q.dtype} on {q.device.type} and {q.shape[1] - row0} x {n_keys} tokens"
         return None
 
     @staticmethod
@@ -275,12 +280,12 @@ class SdpaBackend:
                 fresh: bool = False, out: Tensor | None = None) -> None:
         if visibility.documents is not None:
             return self._ragged_forward(q, k, v, state, visibility, scale, fresh, out)
-        op = self._op(q)
         sq = q.shape[1]
         row0, n_keys, causal = self._shifted(visibility.band, sq, k.shape[1])
         if row0 >= sq or n_keys <= 0:
             state.finish(out)
             return
+        op = self._op(q, rows=sq - row0, keys=n_keys)
         k, v = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         o, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
         fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
@@ -306,10 +311,10 @@ class SdpaBackend:
                  dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         if visibility.documents is not None:
             return self._ragged_backward(do, q, k, v, out, lse, dq, dk, dv, visibility, scale)
-        op = self._op(q)
         row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
         if row0 >= q.shape[1] or n_keys <= 0:
             return
+        op = self._op(q, rows=q.shape[1] - row0, keys=n_keys)
         t = lambda x: x[:, row0:].transpose(1, 2)  # noqa: E731
         kx, vx = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         gq, gk, gv = op.backward(t(do), t(q), kx.transpose(1, 2), vx.transpose(1, 2), t(out), lse[:, :, row0:],
