@@ -11,7 +11,9 @@ plan and compiled variant the first pass built already cached), for each ``--gri
 own plan, blocks of several documents uncut for cuDNN's ragged op; a number or ``none``: the document grid,
 ``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the rest to Triton's masked
 blocks). Also
-PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step.
+PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step; results.json
+keeps every step's own ms (``each_ms``), which shows whether a cost is paid once (plans built in the first
+steps) or every step.
 """
 
 from __future__ import annotations
@@ -69,13 +71,18 @@ def varlen_step(q, k, v, do, cu: list[int]) -> None:
     varlen_attn(qg, kg, vg, cu_t, cu_t, longest, longest, **kw).backward(do[0])
 
 
-def timed(step, docs: list[list[int]]) -> float:
-    """ms per step over docs[1:] (docs[0] warms up)."""
+def timed(step, docs: list[list[int]], each: list[float] | None = None) -> float:
+    """ms per step over docs[1:] (docs[0] warms up); ``each``: also append every step's own ms (synchronised
+    after each step)."""
     step(docs[0])
     torch.cuda.synchronize()
     start = time.perf_counter()
     for cu in docs[1:]:
+        begin = time.perf_counter()
         step(cu)
+        if each is not None:
+            torch.cuda.synchronize()
+            each.append((time.perf_counter() - begin) * 1e3)
     torch.cuda.synchronize()
     return (time.perf_counter() - start) * 1e3 / (len(docs) - 1)
 
@@ -113,8 +120,10 @@ def main(argv=None) -> None:
             use_plan(grid)
             step = lambda cu: ring_step(q, k, v, do, world, opts.layout, cu, backend)  # noqa: E731
             for label, docs in (("fresh each step", fresh), ("the same again", fresh)):
-                ms = timed(step, docs)
-                rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9))
+                each: list[float] = []
+                ms = timed(step, docs, each)
+                rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9,
+                                 each_ms=[round(t, 1) for t in each]))
                 print(rows[-1], flush=True)
         use_plan("whole")
         schedule.DOCUMENT_GRID = default_grid
