@@ -24,7 +24,7 @@ from ring_sp.kernels.visibility import BlockDocuments  # noqa: E402
 
 SEQ = 16384
 SCALE = HEAD_DIM ** -0.5
-OP = sdpa_backend.OPS["cudnn"]
+OP = sdpa_backend.OPS["cudnn_ragged"]
 
 
 def ragged(lengths: list[int]):

@@ -84,15 +84,23 @@ def test_ring_on_gpu_matches_reference(backend, dtype, world):
     assert ran and not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa_cudnn_ragged"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("world,grid", [(2, 64), (8, 64), (2, None), (8, None)])
 def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypatch):
-    """Packed documents (lengths 1 to 300). Under auto with contiguous and zigzag, blocks of several documents
-    stay whole for cuDNN's ragged op; with striped, and with triton, the parts of long documents on the grid get
+    """Packed documents (lengths 1 to 300). With sdpa_cudnn_ragged under contiguous and zigzag, blocks of several
+    documents stay whole for cuDNN's ragged op (skipped where cudnn-frontend is not installed); under auto, with
+    striped, and with triton, the parts of long documents on the grid get
     their own blocks (cuDNN under auto), the rest grouped and masked per document in the Triton kernel; grid
     None: only documents filling a whole block go unmasked."""
     monkeypatch.setattr(schedule, "DOCUMENT_GRID", grid)
+    if backend == "sdpa_cudnn_ragged":
+        from ring_sp.kernels import sdpa_backend
+
+        try:
+            sdpa_backend._cudnn_frontend_ops()
+        except ImportError as error:
+            pytest.skip(str(error))
     seq, failures = world * LOCAL, []
     g = torch.Generator().manual_seed(world)
     bounds = [0]
@@ -100,6 +108,8 @@ def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypat
         bounds.append(min(seq, bounds[-1] + int(torch.randint(1, 300, (1,), generator=g))))
     for causal, layout, (kv_heads, head_dim) in itertools.product(
             (True, False), ("contiguous", "striped", "zigzag"), ((2, 128), (8, 64))):
+        if backend == "sdpa_cudnn_ragged" and layout == "striped":
+            continue  # striped documents are off the diagonal: grid blocks masked by document, which it cannot take
         q, k, v, mask, do = _problem(world, dtype, kv_heads, head_dim, False)
         ids = document_ids(bounds, torch.arange(seq, device="cuda"))
         vis = _visible(seq, causal, None) & (ids[:, None] == ids[None, :])
@@ -137,7 +147,8 @@ def test_one_token_shards_on_gpu(backend, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cudnn_ragged_op_takes_document_blocks(dtype):
     """cuDNN's ragged attention (through cudnn-frontend, where it is installed) runs here and agrees with the
-    dense op on each document, so auto keeps blocks of several documents whole for it."""
+    dense op on each document, so backend sdpa_cudnn_ragged keeps blocks of several documents whole for it;
+    auto does not (it costs ~700 ms a step whenever the documents change)."""
     from ring_sp import attention
     from ring_sp.kernels import sdpa_backend
     from ring_sp.options import RingOptions
@@ -148,9 +159,12 @@ def test_cudnn_ragged_op_takes_document_blocks(dtype):
         pytest.skip(str(error))
     q = torch.randn(1, 64, 8, 128, device="cuda", dtype=dtype)
     k = torch.randn(1, 64, 2, 128, device="cuda", dtype=dtype)
-    assert sdpa_backend._available(sdpa_backend.OPS["cudnn"], q, ragged=True)
-    sched = attention._plan(RingOptions(causal=True), ((0, 5, 40, 100, 128),), 2, q, k, None)
+    assert sdpa_backend._available(sdpa_backend.OPS["cudnn_ragged"], q, ragged=True)
+    sched = attention._plan(RingOptions(causal=True, backend="sdpa_cudnn_ragged"), ((0, 5, 40, 100, 128),), 2, q, k,
+                            None)
     assert any(b.runs for step in sched.steps for blocks in step for b in blocks)
+    auto = attention._plan(RingOptions(causal=True), ((0, 5, 40, 100, 128),), 2, q, k, None)
+    assert not any(b.runs for step in auto.steps for blocks in step for b in blocks)  # auto: the grid on CUDA
 
 
 def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):

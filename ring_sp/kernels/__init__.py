@@ -33,7 +33,7 @@ def _flash_attn(bucket_size):
 if importlib.util.find_spec("flash_attn") is not None:
     register("flash_attn", _flash_attn, priority=15)
 
-for _op in ("cudnn", "flash", "efficient", "cpu"):
+for _op in ("cudnn", "cudnn_ragged", "flash", "efficient", "cpu"):
     register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
 
 __all__ = ["Backend", "Band", "BlockDocuments", "SdpaBackend", "State", "TorchBackend", "Visibility", "choose", "get",

@@ -12,8 +12,9 @@ the ops' own top-left causal mask, and rows below c see nothing of the block. Wi
 masks are left to other backends.
 
 Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
-as a batch of variable-length sequences, one per document: cuDNN's through NVIDIA's cudnn-frontend on
-CUDA where it is installed, one CPU kernel call per document on the CPU. Full blocks, and causal ones
+as a batch of variable-length sequences, one per document: one CPU kernel call per document on the CPU;
+on CUDA only with ``backend="sdpa_cudnn_ragged"`` (cuDNN's, through NVIDIA's cudnn-frontend), whose cost
+each time the documents change keeps it out of ``auto``. Full blocks, and causal ones
 whose every document holds as many rows as columns (its own causal square).
 """
 
@@ -159,7 +160,12 @@ def _cpu_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
 
 _HALF = (torch.float16, torch.bfloat16)
 OPS = {
-    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, _cudnn_ragged_fwd, _cudnn_ragged_bwd),
+    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd),
+    # Opt-in only (backend="sdpa_cudnn_ragged"): fastest where the same documents come again (86 against 127 ms a
+    # step on the 128k ring of 8, H100), but ~700 ms a step whenever they change (measured 2026-12-07), as in
+    # training; so auto keeps the document grid on CUDA.
+    "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, _cudnn_ragged_fwd,
+                       _cudnn_ragged_bwd),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
     "efficient": Op("efficient", "cuda", (*_HALF, torch.float32), False, _efficient_fwd, _efficient_bwd),
     "cpu": Op("cpu", "cpu", (*_HALF, torch.float32, torch.float64), True, _cpu_fwd, _cpu_bwd, _cpu_ragged_fwd,
@@ -247,7 +253,7 @@ class SdpaBackend:
         names = [self.op_name] if self.op_name else ["cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
-            if name == "cudnn" and rows == keys == 1:
+            if name.startswith("cudnn") and rows == keys == 1:
                 continue  # cuDNN's backward refuses s_q = s_kv = 1 (cuDNN 9.19)
             if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
                     and _available(op, q, ragged)):
