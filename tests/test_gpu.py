@@ -49,6 +49,16 @@ def _sdpa_errors(q, k, v, mask, do, vis, ref):
     return [rel_err(a, b) for a, b in zip(got, ref)]
 
 
+def _needs_cudnn_frontend():
+    """Skip unless NVIDIA's cudnn-frontend SDPA ops load here."""
+    from ring_sp.kernels import sdpa_backend
+
+    try:
+        sdpa_backend._cudnn_frontend_ops()
+    except ImportError as error:
+        pytest.skip(str(error))
+
+
 VARIANTS = [  # (causal, masked, window)
     (False, False, None), (True, False, None), (True, True, None), (True, False, WINDOW), (False, True, None)]
 SDPA_NAMES = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
@@ -95,12 +105,7 @@ def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypat
     None: only documents filling a whole block go unmasked."""
     monkeypatch.setattr(schedule, "DOCUMENT_GRID", grid)
     if backend == "sdpa_cudnn_ragged":
-        from ring_sp.kernels import sdpa_backend
-
-        try:
-            sdpa_backend._cudnn_frontend_ops()
-        except ImportError as error:
-            pytest.skip(str(error))
+        _needs_cudnn_frontend()
     seq, failures = world * LOCAL, []
     g = torch.Generator().manual_seed(world)
     bounds = [0]
@@ -153,10 +158,7 @@ def test_cudnn_ragged_op_takes_document_blocks(dtype):
     from ring_sp.kernels import sdpa_backend
     from ring_sp.options import RingOptions
 
-    try:
-        sdpa_backend._cudnn_frontend_ops()
-    except ImportError as error:
-        pytest.skip(str(error))
+    _needs_cudnn_frontend()
     q = torch.randn(1, 64, 8, 128, device="cuda", dtype=dtype)
     k = torch.randn(1, 64, 2, 128, device="cuda", dtype=dtype)
     assert sdpa_backend._available(sdpa_backend.OPS["cudnn_ragged"], q, ragged=True)

@@ -50,6 +50,7 @@ class Op:
     ragged_forward: Callable[[Tensor, Tensor, Tensor, Ragged, bool, float], tuple[Tensor, Tensor]] | None = None
     ragged_backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Ragged, bool, float],
                               tuple[Tensor, Tensor, Tensor]] | None = None
+    one_token: bool = True  # takes a call of one query on one key (cuDNN 9.19's backward refuses s_q = s_kv = 1)
 
 
 def _cudnn_fwd(q, k, v, causal, scale):
@@ -160,12 +161,12 @@ def _cpu_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
 
 _HALF = (torch.float16, torch.bfloat16)
 OPS = {
-    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd),
+    "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, one_token=False),
     # Opt-in only (backend="sdpa_cudnn_ragged"): fastest where the same documents come again (86 against 127 ms a
     # step on the 128k ring of 8, H100), but ~700 ms a step whenever they change (measured 2026-12-07), as in
     # training; so auto keeps the document grid on CUDA.
     "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, _cudnn_ragged_fwd,
-                       _cudnn_ragged_bwd),
+                       _cudnn_ragged_bwd, one_token=False),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
     "efficient": Op("efficient", "cuda", (*_HALF, torch.float32), False, _efficient_fwd, _efficient_bwd),
     "cpu": Op("cpu", "cpu", (*_HALF, torch.float32, torch.float64), True, _cpu_fwd, _cpu_bwd, _cpu_ragged_fwd,
@@ -253,10 +254,8 @@ class SdpaBackend:
         names = [self.op_name] if self.op_name else ["cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
-            if name.startswith("cudnn") and rows == keys == 1:
-                continue  # cuDNN's backward refuses s_q = s_kv = 1 (cuDNN 9.19)
             if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
-                    and _available(op, q, ragged)):
+                    and (op.one_token or rows != 1 or keys != 1) and _available(op, q, ragged)):
                 return op
         return None
 
