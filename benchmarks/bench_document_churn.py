@@ -7,10 +7,10 @@ per shape (cuDNN's execution plans, Triton's compiled variants) is built once an
 every batch packs different documents. This script runs ``--steps`` forward+backward passes of the
 simulated ring, each on its own document lengths (Megatron-LM's mock data: uniform in [1, 4096), or
 log-normal with ``--median``), then the same passes again ("the same again": the same work, with every
-plan and compiled variant the first pass built already cached), for each ``--grid`` (``whole``: the ring's
-own plan, blocks of several documents uncut for cuDNN's ragged op; a number or ``none``: the document grid,
-``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the rest to Triton's masked
-blocks). Also
+plan and compiled variant the first pass built already cached), for each ``--grid`` (``whole``: blocks
+of several documents uncut for cuDNN's ragged op, backend ``sdpa_cudnn_ragged``; a number or ``none``: the
+document grid under auto, ``ring_sp.schedule.DOCUMENT_GRID``: the parts of documents on it go to cuDNN, the
+rest to Triton's masked blocks). Also
 PyTorch's ``varlen_attn`` on the same fresh documents. ms per step excludes the first (warm-up) step; results.json
 keeps every step's own ms (``each_ms``), which shows whether a cost is paid once (plans built in the first
 steps) or every step.
@@ -26,7 +26,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths, grid_value, use_plan, useful_flops  # noqa: E402
+from benchmarks import bench_documents as bench  # noqa: E402
 from benchmarks.common import env_line, environment, randn, table, write_results  # noqa: E402
 from ring_sp import ring_attention_simulated, schedule, split  # noqa: E402
 
@@ -65,7 +65,7 @@ def varlen_step(q, k, v, do, cu: list[int]) -> None:
     kw = {"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)}
     lengths = [b - a for a, b in zip(cu, cu[1:])]
     cu_t = torch.tensor(cu, dtype=torch.int32, device=q.device)
-    kr, vr = (t.repeat_interleave(HEADS // KV_HEADS, dim=1) for t in (k, v))
+    kr, vr = (t.repeat_interleave(bench.HEADS // bench.KV_HEADS, dim=1) for t in (k, v))
     qg, kg, vg = (t[0].detach().requires_grad_() for t in (q, kr, vr))
     longest = max(lengths)
     varlen_attn(qg, kg, vg, cu_t, cu_t, longest, longest, **kw).backward(do[0])
@@ -94,9 +94,9 @@ def main(argv=None) -> None:
     p.add_argument("--layout", default="contiguous")
     p.add_argument("--lengths", choices=["uniform", "lognormal"], default="uniform")
     p.add_argument("--median", type=int, default=3500)
-    p.add_argument("--grid", type=grid_value, nargs="+", default=["whole", schedule.DOCUMENT_GRID],
-                   help="whole (the ring's own plan) or document grids (ring_sp.schedule.DOCUMENT_GRID; none: "
-                   "unmasked only where a document fills a whole block)")
+    p.add_argument("--grid", type=bench.grid_value, nargs="+", default=["whole", schedule.DOCUMENT_GRID],
+                   help="whole (uncut blocks for cuDNN's ragged op, backend sdpa_cudnn_ragged) or document grids "
+                   "(ring_sp.schedule.DOCUMENT_GRID; none: unmasked only where a document fills a whole block)")
     p.add_argument("--backends", nargs="*", default=["sdpa_flash"],
                    help="also these block backends, every document piece a block of its own (grid 1)")
     p.add_argument("--steps", type=int, default=5)
@@ -108,16 +108,17 @@ def main(argv=None) -> None:
     default_grid = schedule.DOCUMENT_GRID
     for seq, world in zip(opts.seq, opts.world):
         make = (lambda s: uniform_lengths(seq, s)) if opts.lengths == "uniform" else (
-            lambda s: document_lengths(seq, opts.median, [], s))
+            lambda s: bench.document_lengths(seq, opts.median, [], s))
         fresh = [boundaries(make(seed)) for seed in range(opts.steps + 1)]
-        flops = sum(useful_flops([b - a for a, b in zip(cu, cu[1:])], True) for cu in fresh[1:]) / opts.steps
-        q, do = randn(1, seq, HEADS, HEAD_DIM), randn(1, seq, HEADS, HEAD_DIM)
-        k, v = randn(1, seq, KV_HEADS, HEAD_DIM), randn(1, seq, KV_HEADS, HEAD_DIM)
-        runs = [(f"ring {opts.layout}, auto, grid {grid}", grid, "auto") for grid in opts.grid]
+        flops = sum(bench.useful_flops([b - a for a, b in zip(cu, cu[1:])], True) for cu in fresh[1:]) / opts.steps
+        q, do = randn(1, seq, bench.HEADS, bench.HEAD_DIM), randn(1, seq, bench.HEADS, bench.HEAD_DIM)
+        k, v = randn(1, seq, bench.KV_HEADS, bench.HEAD_DIM), randn(1, seq, bench.KV_HEADS, bench.HEAD_DIM)
+        runs = [(f"ring {opts.layout}, {bench.plan_backend(grid)}, grid {grid}", grid, bench.plan_backend(grid))
+                for grid in opts.grid]
         runs += [(f"ring {opts.layout}, {backend}, every document its own block", 1, backend)
                  for backend in opts.backends]
         for name, grid, backend in runs:
-            use_plan(grid)
+            bench.use_plan(grid)
             step = lambda cu: ring_step(q, k, v, do, world, opts.layout, cu, backend)  # noqa: E731
             for label, docs in (("fresh each step", fresh), ("the same again", fresh)):
                 each: list[float] = []
@@ -125,7 +126,7 @@ def main(argv=None) -> None:
                 rows.append(dict(seq=seq, world=world, run=name, documents=label, ms=ms, tflops=flops / ms / 1e9,
                                  each_ms=[round(t, 1) for t in each]))
                 print(rows[-1], flush=True)
-        use_plan("whole")
+        bench.use_plan("whole")
         schedule.DOCUMENT_GRID = default_grid
         if opts.no_varlen:
             continue
@@ -135,7 +136,8 @@ def main(argv=None) -> None:
         print(rows[-1], flush=True)
     cells = [[r["seq"], r["world"], r["run"], r["documents"], f"{r['ms']:.1f}", f"{r['tflops']:.0f}"] for r in rows]
     text = "\n".join(["# Packed documents, new lengths every step", "", env_line(env), "",
-                      f"Lengths: {opts.lengths}; causal, bf16, {HEADS}/{KV_HEADS} heads, head_dim {HEAD_DIM}; "
+                      f"Lengths: {opts.lengths}; causal, bf16, {bench.HEADS}/{bench.KV_HEADS} heads, "
+                      f"head_dim {bench.HEAD_DIM}; "
                       f"{opts.steps} timed steps after one warm-up. TORCH_CUDNN_SDPA_AVOID_RECOMPILE="
                       f"{os.environ.get('TORCH_CUDNN_SDPA_AVOID_RECOMPILE', '(unset)')} (PyTorch's opt-in: cuDNN "
                       "rounds sequence lengths up to powers of two for BSHD-contiguous inputs, so fewer plans are "

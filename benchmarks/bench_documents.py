@@ -8,7 +8,7 @@ ones (``--long``), causal, bf16, 32/8 heads, head_dim 128. Rates count useful FL
 causal pairs inside each document, 4·heads·head_dim per pair forward, 3.5× that forward+backward.
 Rows: PyTorch's ``varlen_attn`` (flash-attention 2) on the packed sequence; cuDNN's causal SDPA on
 one dense ``--dense-seq`` sequence (no documents: its rate is the anchor); the ring with documents
-for each layout (its own plan: whole blocks for cuDNN's ragged op; and document grids for Triton,
+for each layout (whole blocks for cuDNN's ragged op, backend sdpa_cudnn_ragged; and document grids under auto,
 ``--grid``); the same ring without documents (wall time).
 Prints a table, writes results.json, results.md and results.png under --out.
 """
@@ -86,22 +86,24 @@ def dense_row(seq: int) -> dict:
 
 
 def ring_row(q, k, v, do, world: int, layout: str, cu: list[int] | None, grid: int | str | None) -> dict:
-    """``grid`` "whole": the ring's own choice (whole blocks for cuDNN's ragged op where it takes them); an int
-    or None: the document grid, with whole blocks switched off."""
+    """``grid`` "whole": whole blocks of several documents for cuDNN's ragged op (``plan_backend``); an int or
+    None: the document grid under auto, with whole blocks switched off."""
     use_plan(grid)
+    backend = "auto" if cu is None else plan_backend(grid)
     qs, ks, vs, dos = (split(t, layout, world) for t in (q, k, v, do))
     qg, kg, vg = ([t.detach().requires_grad_() for t in ts] for ts in (qs, ks, vs))
 
     def fwd():
         with torch.no_grad():
-            return ring_attention_simulated(qs, ks, vs, causal=True, layout=layout, cu_seqlens=cu)
+            return ring_attention_simulated(qs, ks, vs, causal=True, layout=layout, cu_seqlens=cu, backend=backend)
 
     def fwd_bwd():
-        torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu), dos)
+        torch.autograd.backward(ring_attention_simulated(qg, kg, vg, causal=True, layout=layout, cu_seqlens=cu,
+                                                         backend=backend), dos)
 
     t_f, t_fb = _time(fwd, fwd_bwd)
-    sched = attention._plan(RingOptions(causal=True, layout=layout), None if cu is None else (tuple(cu),), world,
-                            qs[0], ks[0], None)
+    sched = attention._plan(RingOptions(causal=True, layout=layout, backend=backend),
+                            None if cu is None else (tuple(cu),), world, qs[0], ks[0], None)
     docs = "documents" if cu is not None else "no documents"
     row = dict(kind=f"ring W={world} {layout}, {docs}" + (f", grid {grid}" if cu is not None else ""),
                fwd_ms=t_f, fwd_bwd_ms=t_fb, counts=vars(sched.counts))
@@ -115,6 +117,12 @@ def use_plan(grid: int | str | None) -> None:
     attention._takes_whole = _takes_whole if grid == "whole" else (lambda *args: False)
     if grid != "whole":
         schedule.DOCUMENT_GRID = grid
+
+
+def plan_backend(grid: int | str | None) -> str:
+    """The backend a plan is timed with: whole blocks need cuDNN's ragged op on CUDA (``sdpa_cudnn_ragged``, which
+    auto leaves out); grids run under auto."""
+    return "sdpa_cudnn_ragged" if grid == "whole" and torch.cuda.is_available() else "auto"
 
 
 def grid_value(text: str) -> int | str | None:
@@ -132,9 +140,9 @@ def main(argv=None) -> None:
     p.add_argument("--dense-seq", type=int, default=32768)
     p.add_argument("--layouts", nargs="+", default=["contiguous", "zigzag", "striped"])
     p.add_argument("--grid", type=grid_value, nargs="+", default=["whole", schedule.DOCUMENT_GRID],
-                   help="plans to try (the first layout gets all of them): whole (the ring's own choice: uncut blocks "
-                        "for cuDNN's ragged op), or a document grid for Triton's masked blocks (none: unmasked only "
-                        "where a document fills a block)")
+                   help="plans to try (the first layout gets all of them): whole (uncut blocks for cuDNN's ragged "
+                        "op, backend sdpa_cudnn_ragged), or a document grid for Triton's masked blocks (none: "
+                        "unmasked only where a document fills a block)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     env = environment()

@@ -2,8 +2,9 @@
 
     python benchmarks/profile_documents.py --out benchmarks/results/h100-DATE/profile_documents
 
-For each plan (``--runs``: ``whole`` = whole blocks through ``backend="sdpa_cudnn_ragged"``; ``grid`` =
-auto's document grid), after ``--warmup`` fresh steps, times ``--steps`` more fresh steps one by one and
+For each plan (``--runs``: ``whole`` = whole blocks through ``backend="sdpa_cudnn_ragged"``; ``whole_dense`` = the
+same with every single-document block on PyTorch's dense cuDNN op, as before 2026-12-07's fix; ``grid`` = auto's
+document grid), after ``--warmup`` fresh steps, times ``--steps`` more fresh steps one by one and
 records, per step: ms (synchronised), the new graphs in cudnn-frontend's cache, and the distinct shapes of
 PyTorch's dense cuDNN calls not seen before (each new shape builds a cuDNN plan). Then the host side of two
 fresh steps under cProfile (top functions by own time) and a torch profile of one (top ops by CPU and by
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import io
 import os
 import pstats
@@ -67,7 +69,7 @@ def main(argv=None) -> None:
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--layout", default="contiguous")
     p.add_argument("--median", type=int, default=3500)
-    p.add_argument("--runs", nargs="+", default=["whole", "grid"])
+    p.add_argument("--runs", nargs="+", default=["whole_dense", "whole", "grid"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--out", default=None)
@@ -83,8 +85,13 @@ def main(argv=None) -> None:
     seeds = iter(range(1000, 100000))
     report, rows = [], []
     for run in opts.runs:
-        backend = "sdpa_cudnn_ragged" if run == "whole" and device == "cuda" else "auto"
-        use_plan("whole" if run == "whole" else schedule.DOCUMENT_GRID)
+        whole = run.startswith("whole")
+        backend = "sdpa_cudnn_ragged" if whole and device == "cuda" else "auto"
+        use_plan("whole" if whole else schedule.DOCUMENT_GRID)
+        op = sdpa_backend.OPS["cudnn_ragged"]
+        if run == "whole_dense":
+            sdpa_backend.OPS["cudnn_ragged"] = dataclasses.replace(op, forward=sdpa_backend._cudnn_fwd,
+                                                                   backward=sdpa_backend._cudnn_bwd)
 
         def step() -> None:
             ring_step(q, k, v, do, opts.world, opts.layout, boundaries(document_lengths(opts.seq, opts.median, [],
@@ -118,6 +125,7 @@ def main(argv=None) -> None:
             report += [f"## {run}: torch profile of one fresh step, by {sort}", "", "```",
                        tp.key_averages().table(sort_by=sort, row_limit=20, max_name_column_width=70), "```", ""]
         use_plan("whole")
+        sdpa_backend.OPS["cudnn_ragged"] = op
     text = "\n".join(["# One fresh-documents step, profiled", "", env_line(env), "", "Per step:", "", "```",
                       *map(str, rows), "```", "", *report])
     print(text)

@@ -191,3 +191,35 @@ def test_a_training_step_makes_no_host_sync_on_gpu(dist_pool):
 
     (reads,) = dist_pool(1).run(sync_jobs.host_reads_per_step, 1, 3, False, "cuda", True, timeout=600)
     assert reads == []
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_cudnn_ragged_op_reuses_plans_across_lengths(causal):
+    """backend sdpa_cudnn_ragged sends a call whose lengths are not powers of two through cudnn-frontend (one
+    sequence per batch element): it agrees with PyTorch's cuDNN op, and new lengths rounding up to the same powers
+    of two build no new plan (whole-block plans cut new lengths from every batch of documents)."""
+    from ring_sp.kernels import sdpa_backend
+
+    _needs_cudnn_frontend()
+    import cudnn.sdpa.fwd.torch_op as frontend
+
+    op, dense = sdpa_backend.OPS["cudnn_ragged"], sdpa_backend.OPS["cudnn"]
+    g = torch.Generator().manual_seed(5)
+
+    def run(sq, sk, want_dense):
+        q, do = (torch.randn(2, 8, sq, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(2, 2, sk, 128, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+        out, lse = op.forward(q, k, v, causal, 0.1)
+        grads = op.backward(do, q, k, v, out, lse, causal, 0.1)
+        if want_dense:
+            w_out, w_lse = dense.forward(q, k, v, causal, 0.1)
+            wants = dense.backward(do, q, k, v, w_out, w_lse, causal, 0.1)
+            for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), (out, lse, *grads), (w_out, w_lse, *wants)):
+                assert a.shape == b.shape and rel_err(a, b) < 2e-2, (name, sq, sk, rel_err(a, b))
+
+    run(300, 200, True)  # rows ≥ keys under causal: every row sees a key
+    run(77, 60, True)
+    before = len(frontend._graph_cache)
+    run(290, 210, False)
+    run(270, 230, True)
+    assert len(frontend._graph_cache) == before

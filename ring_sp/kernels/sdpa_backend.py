@@ -22,13 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
 
 from ring_sp.band import Band
 from ring_sp.kernels.state import State, state_dtype
-from ring_sp.kernels.visibility import BlockDocuments, Ragged, Visibility
+from ring_sp.kernels.visibility import BlockDocuments, Ragged, Visibility, power_of_two, ragged
 
 aten = torch.ops.aten
 
@@ -123,8 +124,60 @@ def _cudnn_ragged_fwd(q, k, v, docs: Ragged, causal, scale):
 def _cudnn_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
     frontend = _cudnn_frontend_ops()
     padded = frontend.thd_lse_to_padded(lse, docs.cu_q, docs.max_q)  # the backward takes (docs, heads, longest)
-    return torch.ops.cudnn.sdpa_bwd(do, q, k, v, out, padded, scale, is_causal=causal, cu_seqlens_q=docs.cu_q,
-                                    cu_seqlens_kv=docs.cu_k, max_seqlen_q=docs.max_q, max_seqlen_kv=docs.max_k)
+    # Its plans are keyed on the token totals too: padded to powers of two, new totals reuse a plan.
+    tq, tk = q.shape[0], k.shape[0]
+    do, q, out = (_pad_rows(x, power_of_two(tq)) for x in (do, q, out))
+    k, v = (_pad_rows(x, power_of_two(tk)) for x in (k, v))
+    dq, dk, dv = torch.ops.cudnn.sdpa_bwd(do, q, k, v, out, padded, scale, is_causal=causal, cu_seqlens_q=docs.cu_q,
+                                          cu_seqlens_kv=docs.cu_k, max_seqlen_q=docs.max_q, max_seqlen_kv=docs.max_k)
+    return dq[:tq], dk[:tk], dv[:tk]
+
+
+def _pad_rows(x: Tensor, n: int) -> Tensor:
+    """``x`` (tokens, heads, d) with zero rows appended up to ``n`` tokens."""
+    if x.shape[0] == n:
+        return x
+    padded = x.new_zeros(n, *x.shape[1:])
+    padded[: x.shape[0]] = x
+    return padded
+
+
+# PyTorch's cuDNN op builds (and keeps) a plan for every new pair of lengths: ~40 ms forward and backward each.
+# Whole-block plans cut a new set of single-document blocks from every batch of documents, so other lengths go to
+# cudnn-frontend's ragged op as one sequence per batch element, whose plans are keyed on lengths rounded up to
+# powers of two; the powers of two themselves (a ring's whole blocks) stay on PyTorch's op.
+def _cudnn_any_fwd(q, k, v, causal, scale):
+    b, h, sq, d = q.shape
+    if _powers_of_two(sq, k.shape[2]):
+        return _cudnn_fwd(q, k, v, causal, scale)
+    out, lse = _cudnn_ragged_fwd(*_packed(*_seq_first(q, k, v)), _one_each(b, sq, k.shape[2], q.device), causal,
+                                 scale)
+    return out.view(b, sq, h, -1).transpose(1, 2), lse.view(b, sq, h).transpose(1, 2)
+
+
+def _cudnn_any_bwd(do, q, k, v, out, lse, causal, scale):
+    b, h, sq, d = q.shape
+    sk = k.shape[2]
+    if _powers_of_two(sq, sk):
+        return _cudnn_bwd(do, q, k, v, out, lse, causal, scale)
+    lse_t = lse.transpose(1, 2).reshape(b * sq, h).contiguous()
+    grads = _cudnn_ragged_bwd(*_packed(*_seq_first(do, q, k, v, out)), lse_t, _one_each(b, sq, sk, q.device), causal,
+                              scale)
+    return tuple(g.view(b, n, *g.shape[1:]).transpose(1, 2) for g, n in zip(grads, (sq, sk, sk)))
+
+
+def _powers_of_two(*lengths: int) -> bool:
+    return all(n == power_of_two(n) for n in lengths)
+
+
+def _seq_first(*xs: Tensor) -> list[Tensor]:
+    return [x.transpose(1, 2) for x in xs]  # (batch, heads, seq, d) -> (batch, seq, heads, d)
+
+
+@lru_cache(maxsize=1024)
+def _one_each(batch: int, rows: int, cols: int, device: torch.device) -> Ragged:
+    """Each batch element one sequence of ``rows`` queries on ``cols`` keys."""
+    return ragged(((rows, cols),) * batch, device)
 
 
 def _each_document(docs: Ragged):
@@ -165,7 +218,7 @@ OPS = {
     # Opt-in only (backend="sdpa_cudnn_ragged"): fastest where the same documents come again (86 against 127 ms a
     # step on the 128k ring of 8, H100), but ~700 ms a step whenever they change (measured 2026-12-07), as in
     # training; so auto keeps the document grid on CUDA.
-    "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, _cudnn_ragged_fwd,
+    "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_any_fwd, _cudnn_any_bwd, _cudnn_ragged_fwd,
                        _cudnn_ragged_bwd, one_token=False),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
     "efficient": Op("efficient", "cuda", (*_HALF, torch.float32), False, _efficient_fwd, _efficient_bwd),

@@ -52,14 +52,7 @@ class BlockDocuments:
     def ragged(self) -> Ragged:
         """The runs of every batch element, with their cumulative sums on the device (built once)."""
         if self._ragged is None:
-            runs = self.runs * self.q.shape[0]
-            runs += ((0, 0),) * (_power_of_two(len(runs)) - len(runs))
-            bounds = [(0, 0)]
-            for rows, cols in runs:
-                bounds.append((bounds[-1][0] + rows, bounds[-1][1] + cols))
-            cu = torch.tensor(bounds, dtype=torch.int32).t().contiguous().to(self.q.device, non_blocking=True)
-            longest = [_power_of_two(max(r for r, _ in runs)), _power_of_two(max(c for _, c in runs))]
-            self._ragged = Ragged(runs, cu[0], cu[1], *longest)
+            self._ragged = ragged(self.runs * self.q.shape[0], self.q.device)
         return self._ragged
 
     def same(self, rows: slice, cols: slice) -> Tensor:
@@ -81,7 +74,18 @@ class BlockDocuments:
         return self._query_ranges
 
 
-def _power_of_two(n: int) -> int:
+def ragged(runs: tuple[tuple[int, int], ...], device: torch.device) -> Ragged:
+    """``runs`` (query rows, key columns), one per sequence, as a :class:`Ragged` on ``device``."""
+    runs += ((0, 0),) * (power_of_two(len(runs)) - len(runs))
+    bounds = [(0, 0)]
+    for rows, cols in runs:
+        bounds.append((bounds[-1][0] + rows, bounds[-1][1] + cols))
+    cu = torch.tensor(bounds, dtype=torch.int32).t().contiguous().to(device, non_blocking=True)
+    return Ragged(runs, cu[0], cu[1], power_of_two(max(r for r, _ in runs)), power_of_two(max(c for _, c in runs)))
+
+
+def power_of_two(n: int) -> int:
+    """The least power of two ≥ n (1 for n ≤ 1)."""
     return 1 << max(0, n - 1).bit_length()
 
 
