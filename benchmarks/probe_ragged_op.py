@@ -5,7 +5,9 @@
 Per document set: the first call's time (plan building), the largest error against dense cuDNN on each
 document (output, log-sum-exp, dq, dk, dv), TFLOP/s forward and forward+backward (useful FLOPs); then fresh
 documents every call (new counts and lengths: what the power-of-two rounding leaves to build), and dense
-cuDNN causal on the whole block as the anchor. Prints lines; needs a GPU and ``nvidia-cudnn-frontend``.
+cuDNN causal on the whole block as the anchor; then one sequence of given lengths through PyTorch's cuDNN op
+against cudnn-frontend's ragged op (one sequence per batch element: how ``sdpa_cudnn_ragged`` sends lengths that
+are not powers of two), forward and forward+backward. Prints lines; needs a GPU and ``nvidia-cudnn-frontend``.
 First run on an H100 on 2026-12-07: benchmarks/results/h100-2026-12-07/frontend_ragged_documents/.
 """
 
@@ -92,7 +94,40 @@ def main() -> None:
     dense = [t.transpose(0, 1)[None] for t in (q, k, v)]
     t_d = seconds(lambda: OP.forward(*dense, True, SCALE), 10)
     print(f"dense cuDNN causal on the 16k block: forward {t_d * 1e3:.2f} ms ({flops([SEQ]) / t_d / 1e12:.0f} TFLOP/s)")
+    one_sequence()
     print("the sdpa backend takes ragged blocks:", sdpa_backend._available(OP, q[None], ragged=True))
+
+
+def one_sequence() -> None:
+    """PyTorch's dense cuDNN op against cudnn-frontend's ragged op on one sequence, (1, heads, seq, d) inputs."""
+    sb = sdpa_backend
+
+    def frontend(q, k, v, causal):
+        docs = sb._one_each(1, q.shape[2], k.shape[2], q.device)
+        out, lse = sb._cudnn_ragged_fwd(*sb._packed(*sb._seq_first(q, k, v)), docs, causal, SCALE)
+        return out.view(1, q.shape[2], HEADS, -1).transpose(1, 2), lse.view(1, q.shape[2], HEADS).transpose(1, 2)
+
+    def frontend_bwd(do, q, k, v, out, lse, causal):
+        docs = sb._one_each(1, q.shape[2], k.shape[2], q.device)
+        lse_t = lse.transpose(1, 2).reshape(q.shape[2], HEADS).contiguous()
+        return sb._cudnn_ragged_bwd(*sb._packed(*sb._seq_first(do, q, k, v, out)), lse_t, docs, causal, SCALE)
+
+    dense = sb.OPS["cudnn"]
+    for sq, sk, causal in ((16384, 16384, True), (16384, 16384, False), (8192, 8192, True), (12000, 16384, False),
+                           (16000, 16000, True), (5000, 3000, False)):
+        q, do = (torch.randn(1, HEADS, sq, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        k, v = (torch.randn(1, KV_HEADS, sk, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        work = 4 * HEADS * HEAD_DIM * (sq * (sq + 1) // 2 if causal else sq * sk)
+        cells = []
+        for name, fwd, bwd in (("PyTorch cuDNN", lambda: dense.forward(q, k, v, causal, SCALE),
+                                lambda o: dense.backward(do, q, k, v, *o, causal, SCALE)),
+                               ("cudnn-frontend", lambda: frontend(q, k, v, causal),
+                                lambda o: frontend_bwd(do, q, k, v, *o, causal))):
+            bwd(fwd())
+            t_f = seconds(fwd, 10)
+            t_fb = seconds(lambda: bwd(fwd()), 10)
+            cells.append(f"{name} {work / t_f / 1e12:.0f} fwd / {3.5 * work / t_fb / 1e12:.0f} f+b TFLOP/s")
+        print(f"one sequence {sq} x {sk}{' causal' if causal else ''}: " + "; ".join(cells), flush=True)
 
 
 if __name__ == "__main__":
