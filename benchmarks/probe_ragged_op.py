@@ -101,17 +101,6 @@ def main() -> None:
 def one_sequence() -> None:
     """PyTorch's dense cuDNN op against cudnn-frontend's ragged op on one sequence, (1, heads, seq, d) inputs."""
     sb = sdpa_backend
-
-    def frontend(q, k, v, causal):
-        docs = sb._one_each(1, q.shape[2], k.shape[2], q.device)
-        out, lse = sb._cudnn_ragged_fwd(*sb._packed(*sb._seq_first(q, k, v)), docs, causal, SCALE)
-        return out.view(1, q.shape[2], HEADS, -1).transpose(1, 2), lse.view(1, q.shape[2], HEADS).transpose(1, 2)
-
-    def frontend_bwd(do, q, k, v, out, lse, causal):
-        docs = sb._one_each(1, q.shape[2], k.shape[2], q.device)
-        lse_t = lse.transpose(1, 2).reshape(q.shape[2], HEADS).contiguous()
-        return sb._cudnn_ragged_bwd(*sb._packed(*sb._seq_first(do, q, k, v, out)), lse_t, docs, causal, SCALE)
-
     dense = sb.OPS["cudnn"]
     for sq, sk, causal in ((16384, 16384, True), (16384, 16384, False), (8192, 8192, True), (12000, 16384, False),
                            (16000, 16000, True), (5000, 3000, False)):
@@ -121,8 +110,8 @@ def one_sequence() -> None:
         cells = []
         for name, fwd, bwd in (("PyTorch cuDNN", lambda: dense.forward(q, k, v, causal, SCALE),
                                 lambda o: dense.backward(do, q, k, v, *o, causal, SCALE)),
-                               ("cudnn-frontend", lambda: frontend(q, k, v, causal),
-                                lambda o: frontend_bwd(do, q, k, v, *o, causal))):
+                               ("cudnn-frontend", lambda: sb._frontend_fwd(q, k, v, causal, SCALE),
+                                lambda o: sb._frontend_bwd(do, q, k, v, *o, causal, SCALE))):
             bwd(fwd())
             t_f = seconds(fwd, 10)
             t_fb = seconds(lambda: bwd(fwd()), 10)

@@ -13,9 +13,8 @@ masks are left to other backends.
 
 Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
 as a batch of variable-length sequences, one per document: one CPU kernel call per document on the CPU;
-on CUDA only with ``backend="sdpa_cudnn_ragged"`` (cuDNN's, through NVIDIA's cudnn-frontend), whose cost
-each time the documents change keeps it out of ``auto``. Full blocks, and causal ones
-whose every document holds as many rows as columns (its own causal square).
+on CUDA only with ``backend="sdpa_cudnn_ragged"`` (cuDNN's, through NVIDIA's cudnn-frontend). Full blocks, and
+causal ones whose every document holds as many rows as columns (its own causal square).
 """
 
 from __future__ import annotations
@@ -149,19 +148,26 @@ def _pad_rows(x: Tensor, n: int) -> Tensor:
 # powers of two; multiples of 1024 (shards, zigzag halves, grid cells: the lengths that recur) stay on PyTorch's
 # op, ~10% faster.
 def _cudnn_any_fwd(q, k, v, causal, scale):
+    fwd = _cudnn_fwd if _recurring(q.shape[2], k.shape[2]) else _frontend_fwd
+    return fwd(q, k, v, causal, scale)
+
+
+def _cudnn_any_bwd(do, q, k, v, out, lse, causal, scale):
+    bwd = _cudnn_bwd if _recurring(q.shape[2], k.shape[2]) else _frontend_bwd
+    return bwd(do, q, k, v, out, lse, causal, scale)
+
+
+def _frontend_fwd(q, k, v, causal, scale):
+    """cudnn-frontend's ragged op on (batch, heads, seq, d) inputs, each batch element one sequence."""
     b, h, sq, d = q.shape
-    if _recurring(sq, k.shape[2]):
-        return _cudnn_fwd(q, k, v, causal, scale)
     out, lse = _cudnn_ragged_fwd(*_packed(*_seq_first(q, k, v)), _one_each(b, sq, k.shape[2], q.device), causal,
                                  scale)
     return out.view(b, sq, h, -1).transpose(1, 2), lse.view(b, sq, h).transpose(1, 2)
 
 
-def _cudnn_any_bwd(do, q, k, v, out, lse, causal, scale):
+def _frontend_bwd(do, q, k, v, out, lse, causal, scale):
     b, h, sq, d = q.shape
     sk = k.shape[2]
-    if _recurring(sq, sk):
-        return _cudnn_bwd(do, q, k, v, out, lse, causal, scale)
     lse_t = lse.transpose(1, 2).reshape(b * sq, h).contiguous()
     grads = _cudnn_ragged_bwd(*_packed(*_seq_first(do, q, k, v, out)), lse_t, _one_each(b, sq, sk, q.device), causal,
                               scale)
@@ -217,9 +223,8 @@ def _cpu_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
 _HALF = (torch.float16, torch.bfloat16)
 OPS = {
     "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, one_token=False),
-    # Opt-in only (backend="sdpa_cudnn_ragged"): fastest where the same documents come again (86 against 127 ms a
-    # step on the 128k ring of 8, H100), but ~700 ms a step whenever they change (measured 2026-12-07), as in
-    # training; so auto keeps the document grid on CUDA.
+    # PyTorch's cuDNN op for the lengths that recur, cudnn-frontend's ragged op for the rest and for blocks of several
+    # documents. Opt-in (backend="sdpa_cudnn_ragged") until measured with new documents every step.
     "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_any_fwd, _cudnn_any_bwd, _cudnn_ragged_fwd,
                        _cudnn_ragged_bwd, one_token=False),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
