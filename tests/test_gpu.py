@@ -94,18 +94,23 @@ def test_ring_on_gpu_matches_reference(backend, dtype, world):
     assert ran and not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.parametrize("backend", ["auto", "triton", "sdpa_cudnn_ragged"])
+@pytest.mark.parametrize("backend", ["auto", "auto_grid", "triton", "sdpa_cudnn_ragged"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("world,grid", [(2, 64), (8, 64), (2, None), (8, None)])
 def test_documents_on_gpu_match_reference(backend, dtype, world, grid, monkeypatch):
-    """Packed documents (lengths 1 to 300). With sdpa_cudnn_ragged under contiguous and zigzag, blocks of several
-    documents stay whole for cuDNN's ragged op (skipped where cudnn-frontend is not installed); under auto, with
-    striped, and with triton, the parts of long documents on the grid get
-    their own blocks (cuDNN under auto), the rest grouped and masked per document in the Triton kernel; grid
-    None: only documents filling a whole block go unmasked."""
+    """Packed documents (lengths 1 to 300). With sdpa_cudnn_ragged (and auto where cudnn-frontend is installed)
+    under contiguous and zigzag, blocks of several documents stay whole for cuDNN's ragged op; with striped, with
+    triton, and with auto_grid (auto with whole blocks refused, as without cudnn-frontend), the parts of long
+    documents on the grid get their own blocks (cuDNN under auto), the rest grouped and masked per document in the
+    Triton kernel; grid None: only documents filling a whole block go unmasked."""
+    from ring_sp import attention
+
     monkeypatch.setattr(schedule, "DOCUMENT_GRID", grid)
     if backend == "sdpa_cudnn_ragged":
         _needs_cudnn_frontend()
+    if backend == "auto_grid":
+        monkeypatch.setattr(attention, "_takes_whole", lambda *args: False)
+        backend = "auto"
     seq, failures = world * LOCAL, []
     g = torch.Generator().manual_seed(world)
     bounds = [0]
@@ -152,8 +157,8 @@ def test_one_token_shards_on_gpu(backend, layout):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_cudnn_ragged_op_takes_document_blocks(dtype):
     """cuDNN's ragged attention (through cudnn-frontend, where it is installed) runs here and agrees with the
-    dense op on each document, so backend sdpa_cudnn_ragged keeps blocks of several documents whole for it;
-    auto does not (it costs ~700 ms a step whenever the documents change)."""
+    dense op on each document, so sdpa_cudnn_ragged and auto keep blocks of several documents whole for it;
+    sdpa_cudnn (PyTorch's op alone) does not."""
     from ring_sp import attention
     from ring_sp.kernels import sdpa_backend
     from ring_sp.options import RingOptions
@@ -162,11 +167,9 @@ def test_cudnn_ragged_op_takes_document_blocks(dtype):
     q = torch.randn(1, 64, 8, 128, device="cuda", dtype=dtype)
     k = torch.randn(1, 64, 2, 128, device="cuda", dtype=dtype)
     assert sdpa_backend._available(sdpa_backend.OPS["cudnn_ragged"], q, ragged=True)
-    sched = attention._plan(RingOptions(causal=True, backend="sdpa_cudnn_ragged"), ((0, 5, 40, 100, 128),), 2, q, k,
-                            None)
-    assert any(b.runs for step in sched.steps for blocks in step for b in blocks)
-    auto = attention._plan(RingOptions(causal=True), ((0, 5, 40, 100, 128),), 2, q, k, None)
-    assert not any(b.runs for step in auto.steps for blocks in step for b in blocks)  # auto: the grid on CUDA
+    for backend, whole in (("sdpa_cudnn_ragged", True), ("auto", True), ("sdpa_cudnn", False)):
+        sched = attention._plan(RingOptions(causal=True, backend=backend), ((0, 5, 40, 100, 128),), 2, q, k, None)
+        assert any(b.runs for step in sched.steps for blocks in step for b in blocks) == whole, backend
 
 
 def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):

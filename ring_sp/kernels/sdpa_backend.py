@@ -13,8 +13,9 @@ masks are left to other backends.
 
 Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
 as a batch of variable-length sequences, one per document: one CPU kernel call per document on the CPU;
-on CUDA only with ``backend="sdpa_cudnn_ragged"`` (cuDNN's, through NVIDIA's cudnn-frontend). Full blocks, and
-causal ones whose every document holds as many rows as columns (its own causal square).
+cuDNN's through NVIDIA's cudnn-frontend on CUDA where it is installed (op ``cudnn_ragged``, first under
+``sdpa`` and ``auto``; ``sdpa_cudnn`` never uses it). Full blocks, and causal ones whose every document holds as
+many rows as columns (its own causal square).
 """
 
 from __future__ import annotations
@@ -224,7 +225,7 @@ _HALF = (torch.float16, torch.bfloat16)
 OPS = {
     "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, one_token=False),
     # PyTorch's cuDNN op for the lengths that recur, cudnn-frontend's ragged op for the rest and for blocks of several
-    # documents. Opt-in (backend="sdpa_cudnn_ragged") until measured with new documents every step.
+    # documents (first under sdpa / auto where cudnn-frontend is installed).
     "cudnn_ragged": Op("cudnn_ragged", "cuda", _HALF, True, _cudnn_any_fwd, _cudnn_any_bwd, _cudnn_ragged_fwd,
                        _cudnn_ragged_bwd, one_token=False),
     "flash": Op("flash", "cuda", _HALF, True, _flash_fwd, _flash_bwd),
@@ -299,7 +300,8 @@ def accumulate(dst: Tensor, src: Tensor) -> None:
 
 
 class SdpaBackend:
-    """``op=None``: the first of cuDNN, flash, efficient (CUDA) or the CPU kernel that takes the inputs."""
+    """``op=None``: the first of cuDNN with cudnn-frontend (``cudnn_ragged``), cuDNN, flash, efficient (CUDA) or the
+    CPU kernel that takes the inputs."""
 
     auto_devices = ("cuda", "cpu")
     takes_document_runs = True  # blocks of several documents need their runs (document_grid=WHOLE)
@@ -311,7 +313,7 @@ class SdpaBackend:
     def _op(self, q: Tensor, ragged: bool = False, rows: int = 2, keys: int = 2) -> Op | None:
         """The first op that takes ``q``'s device and dtype (and its ragged form) for a call of ``rows`` queries
         on ``keys`` keys."""
-        names = [self.op_name] if self.op_name else ["cudnn", "flash", "efficient", "cpu"]
+        names = [self.op_name] if self.op_name else ["cudnn_ragged", "cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
             if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
