@@ -62,6 +62,28 @@ def train(args: argparse.Namespace, config: dict) -> None:
     dist.destroy_process_group()
 
 
+def describe_documents(args: argparse.Namespace, device: torch.device) -> str:
+    """How the ring computes the document masks of --reset-attention-mask on this device (ring_sp.document_plan)."""
+    from dataclasses import replace
+
+    from ring_sp import RingOptions, document_plan, schedule
+
+    tp = args.tensor_model_parallel_size
+    head_dim = args.hidden_size // args.num_attention_heads
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    q = torch.empty(1, 1, args.num_attention_heads // tp, head_dim, device=device, dtype=dtype)
+    k = torch.empty(1, 1, (args.num_query_groups or args.num_attention_heads) // tp, head_dim, device=device,
+                    dtype=dtype)
+    opts = replace(RingOptions.from_args(args), causal=True)
+    if document_plan(opts, q, k) == "whole":
+        kernel = "one CPU kernel call per document" if device.type == "cpu" else "cuDNN's ragged attention"
+        return f"blocks of several documents kept whole ({kernel})"
+    hint = ("; with `pip install ring_sp[cudnn]` (cudnn-frontend) they stay whole, faster"
+            if device.type == "cuda" and opts.backend == "auto" and opts.layout != "striped" else "")
+    return (f"document grid {schedule.DOCUMENT_GRID}: parts of documents on it unmasked, the rest in blocks masked "
+            f"by document{hint}")
+
+
 def run(job: Job, start: int) -> None:
     """Train from iteration ``start + 1`` to the end: log, validate, save, stop on non-finite values."""
     args, config = job.args, job.config
@@ -82,6 +104,8 @@ def run(job: Job, start: int) -> None:
         print(job.recompute_line, flush=True)
         fused = f"liger ({', '.join(job.fused)})" if job.fused else "none (Megatron-core's modules)"
         print(f"fused kernels: {fused}", flush=True)
+        if args.reset_attention_mask and args.ring_attention:
+            print(f"packed documents: {describe_documents(args, job.device)}", flush=True)
     guard = NonFiniteGuard(args.nan_policy, args.nan_skip_limit, args.lr, args.fp16, job.device)
     bar = None
     if rank0 and args.progress:

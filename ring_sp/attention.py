@@ -68,6 +68,16 @@ def _plan(opts: RingOptions, documents: Documents | None, world: int, q: Tensor,
     return plan(schedules.DOCUMENT_GRID)
 
 
+def document_plan(opts: RingOptions, q: Tensor, k: Tensor) -> str:
+    """How a ring with ``opts`` computes packed documents for inputs like ``q`` and ``k`` (their device, dtype,
+    heads and head_dim): ``"whole"``, blocks of several documents kept whole for a kernel that takes document
+    boundaries (cuDNN's ragged attention through cudnn-frontend, the CPU kernel), or ``"grid"``, cut on
+    ``ring_sp.schedule.DOCUMENT_GRID`` (see README, packed sequences)."""
+    q1, k1 = q.new_empty(1, 64, *q.shape[-2:]), k.new_empty(1, 64, *k.shape[-2:])
+    schedule = _plan(opts, ((0, 5, 40, 100, 128),), 2, q1, k1, None)
+    return "whole" if any(b.runs for step in schedule.steps for blocks in step for b in blocks) else "grid"
+
+
 @lru_cache(maxsize=256)
 def _takes_whole(schedule: Schedule, backend: str, bucket_size: int | None, device: torch.device,
                  dtype: torch.dtype, shape: tuple[int, int], kv_heads: int) -> bool:

@@ -240,6 +240,10 @@ def test_auto_keeps_blocks_whole_for_the_ragged_op(monkeypatch):
         grid = attention._plan(attention.RingOptions(causal=causal, layout=layout, backend="torch"), ((*docs,),),
                                world, qs[0], ks[0], None)
         assert not any(b.runs for step in grid.steps for blocks in step for b in blocks)
+        assert attention.document_plan(opts, q, k) == "whole", (layout, causal)  # what the job reports
+        assert attention.document_plan(attention.RingOptions(causal=causal, layout=layout, backend="torch"), q,
+                                       k) == "grid"
+    assert attention.document_plan(attention.RingOptions(causal=True, layout="striped"), q, k) == "grid"
     striped = attention._plan(attention.RingOptions(causal=True, layout="striped"), ((*docs,),), world,
                               split(q, "striped", world)[0], ks[0], None)
     assert not any(b.runs for step in striped.steps for blocks in step for b in blocks)

@@ -29,7 +29,9 @@ def runs(tmp_path_factory):
     # One replica, as the ring of 2: with documents the scored tokens differ between samples, and the job
     # averages each replica's token mean (as Megatron does), so the data-parallel split must match.
     out["dense_docs"] = deepspeed_run(tmp, "dense_docs", 1, None, 1, ["--exit-interval", "4", *DOCUMENTS])
-    out["ring2_docs"] = deepspeed_run(tmp, "ring2_docs", 2, 2, 1, ["--exit-interval", "4", *DOCUMENTS])
+    out["ring2_docs_output"] = []
+    out["ring2_docs"] = deepspeed_run(tmp, "ring2_docs", 2, 2, 1, ["--exit-interval", "4", *DOCUMENTS],
+                                      output=out["ring2_docs_output"])
     return out
 
 
@@ -59,6 +61,8 @@ def test_packed_documents_ring_matches_dense_attention(runs):
     """--reset-attention-mask --reset-position-ids --eod-mask-loss: ring 2 equals dense attention with the same
     document masks; the same data without the document mask gives another run (the flag takes effect)."""
     _close(runs["ring2_docs"], runs["dense_docs"], [1, 2, 3, 4], rtol=1e-5)
+    # the ring's torch backend masks by document ids: the job says it plans the document grid
+    assert "packed documents: document grid 4096: " in runs["ring2_docs_output"][0]
     unmasked = [f for f in DOCUMENTS if f != "--reset-attention-mask"]
     ring = deepspeed_run(runs["tmp"], "ring2_docs_unmasked", 2, 2, 1, ["--exit-interval", "2", *unmasked])
     dense = runs["dense_docs"]
