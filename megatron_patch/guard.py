@@ -174,4 +174,6 @@ def check_first_step(model, context_parallel_size: int) -> str:
     agree(problems, ring_layers, True, "after the first training step")
     rope = any(isinstance(m, LayoutRotaryEmbedding) for _, m in _named(model))
     split = "megatron_patch's" if _seen["data_split"] else "not called on this rank"
-    return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}"
+    plans = sorted({m.document_plan for _, m in _named(model) if getattr(m, "document_plan", None)})
+    documents = f"; packed documents: {', '.join(plans)} (ring_sp.document_plan)" if plans else ""
+    return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}{documents}"

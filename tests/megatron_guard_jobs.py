@@ -165,6 +165,17 @@ def guard_verdict(kind: str) -> str:
     return error_text(provoke, guard.RingAttentionNotApplied)
 
 
+def guard_report(kind: str) -> str:
+    """What the guard prints on this rank for a case that passes (``guard_verdict``'s run, its output kept)."""
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        verdict = guard_verdict(kind)
+    return f"{verdict}\n{out.getvalue()}"
+
+
 def moe_layers_are_ring(use_te: bool) -> list[tuple[str, str]]:
     """A mixture-of-experts GPT block spec (Megatron-core's local or TE-with-stand-ins) under --ring-attention:
     the core attention of every layer; the guard must accept the model (MoE's router needs CUDA to run)."""

@@ -45,6 +45,16 @@ def test_guard_passes_what_took_effect(dist_pool, kind):
     assert dist_pool(2).run(megatron_guard_jobs.guard_verdict, kind, timeout=600) == ["no error"] * 2
 
 
+def test_guard_says_how_packed_documents_ran(dist_pool):
+    """After the first step of a THD run the guard's line names the ring's document plan (ring_sp.document_plan:
+    whole blocks for the CPU kernel here); without documents it says nothing of them."""
+    thd, plain = (dist_pool(2).run(megatron_guard_jobs.guard_report, kind, timeout=600)[0] for kind in ("thd_ring",
+                                                                                                      "ring"))
+    assert thd.startswith("no error") and "guard passed after the first step" in thd, thd
+    assert "packed documents: whole (ring_sp.document_plan)" in thd, thd
+    assert "guard passed after the first step" in plain and "packed documents" not in plain, plain
+
+
 @pytest.mark.parametrize("use_te", [False, True])
 def test_moe_block_spec_gets_ring_attention(dist_pool, use_te):
     layers = dist_pool(2).run(megatron_guard_jobs.moe_layers_are_ring, use_te, timeout=600)[0]
