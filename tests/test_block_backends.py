@@ -79,3 +79,24 @@ def test_sdpa_backend_refuses_what_it_cannot_compute():
     assert kernels.choose("auto", q, q, Visibility(Band(lo=0, hi=3))).name in ("torch", "triton")
     assert kernels.choose("auto", q, q, Visibility(Band(lo=0), None, BlockDocuments(ids, ids))).name == "torch"
     assert kernels.choose("auto", q, q, Visibility(Band(lo=1))).name == "sdpa"
+
+
+def test_ragged_bounds_let_plans_recur():
+    """cuDNN builds a plan per document count and length bound: a block's documents are padded to a power-of-two
+    count with empty ones and carry one power-of-two bound for rows and columns, so new lengths in the same
+    buckets reuse a plan; the backward's packed tensors are padded with zero rows to one power of two."""
+    from ring_sp.kernels import sdpa_backend
+    from ring_sp.kernels.visibility import ragged
+
+    docs = ragged(((3, 5), (10, 2), (1, 1)), torch.device("cpu"))
+    assert docs.runs == ((3, 5), (10, 2), (1, 1), (0, 0))
+    assert (docs.max_q, docs.max_k) == (16, 16)
+    assert docs.cu_q.tolist() == [0, 3, 13, 14, 14] and docs.cu_k.tolist() == [0, 5, 7, 8, 8]
+    assert ragged(((9, 16),), torch.device("cpu"))[3:] == (16, 16)  # the same plan as above but for the count
+    x = torch.randn(5, 2, 4)
+    padded = sdpa_backend._pad_rows(x, 8)
+    assert padded.shape == (8, 2, 4) and torch.equal(padded[:5], x) and not padded[5:].any()
+    assert sdpa_backend._pad_rows(x, 5) is x
+    # PyTorch's op keeps the lengths that recur (multiples of 256 and the one-token shift of them)
+    assert sdpa_backend._recurring(16384, 8192) and sdpa_backend._recurring(16383, 16383)
+    assert not sdpa_backend._recurring(16384, 3000) and not sdpa_backend._recurring(300, 256)
