@@ -167,9 +167,8 @@ def test_cudnn_ragged_op_takes_document_blocks(dtype):
     q = torch.randn(1, 64, 8, 128, device="cuda", dtype=dtype)
     k = torch.randn(1, 64, 2, 128, device="cuda", dtype=dtype)
     assert sdpa_backend._available(sdpa_backend.OPS["cudnn_ragged"], q, ragged=True)
-    for backend, whole in (("sdpa_cudnn_ragged", True), ("auto", True), ("sdpa_cudnn", False)):
-        sched = attention._plan(RingOptions(causal=True, backend=backend), ((0, 5, 40, 100, 128),), 2, q, k, None)
-        assert any(b.runs for step in sched.steps for blocks in step for b in blocks) == whole, backend
+    for backend, plan in (("sdpa_cudnn_ragged", "whole"), ("auto", "whole"), ("sdpa_cudnn", "grid")):
+        assert attention.document_plan(RingOptions(causal=True, backend=backend), q, k) == plan, backend
 
 
 def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):
