@@ -100,3 +100,78 @@ def test_ragged_bounds_let_plans_recur():
     # PyTorch's op keeps the lengths that recur (multiples of 256 and the one-token shift of them)
     assert sdpa_backend._recurring(16384, 8192) and sdpa_backend._recurring(16383, 16383)
     assert not sdpa_backend._recurring(16384, 3000) and not sdpa_backend._recurring(300, 256)
+
+
+def _counting(op, calls):
+    """``op`` on the CPU under the name fa4, counting its forward calls by (rows, keys, causal)."""
+    import dataclasses
+
+    def forward(q, k, v, causal, scale):
+        calls.append((q.shape[2], k.shape[2], causal))
+        return op.forward(q, k, v, causal, scale)
+
+    return dataclasses.replace(op, name="fa4", forward=forward, square_causal=True)
+
+
+def test_an_op_with_a_bottom_right_causal_mask_gets_square_causal_calls_only(monkeypatch):
+    """FlashAttention-4 aligns causal masks bottom-right: the sdpa backend gives it full calls and square causal
+    calls, and computes other causal calls with the next op, with the same result."""
+    from ring_sp.kernels import SdpaBackend, State, Visibility, sdpa_backend
+
+    calls = []
+    monkeypatch.setitem(sdpa_backend.OPS, "fa4", _counting(sdpa_backend.OPS["cpu"], calls))
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    assert sdpa_backend.SdpaBackend()._op(torch.zeros(1, 2, 4, 16, dtype=torch.float64)).name == "fa4"  # tried once
+    g = torch.Generator().manual_seed(0)
+    for sq, sk, band, want in ((16, 16, Band(lo=0), [(16, 16, True)]), (13, 21, Band(), [(13, 21, False)]),
+                               (16, 16, Band(lo=1), [(15, 15, True)]), (13, 21, Band(lo=0), [(13, 13, True)]),
+                               (21, 13, Band(lo=0), [])):
+        q = torch.randn(1, sq, 4, 16, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(1, sk, 2, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        calls.clear()
+        state = State.empty(q)
+        SdpaBackend().forward(q, k, v, state, Visibility(band), 0.25)
+        assert calls == want, (sq, sk, band)
+        reference = State.empty(q)
+        SdpaBackend("cpu").forward(q, k, v, reference, Visibility(band), 0.25)
+        assert torch.allclose(state.output(), reference.output())
+
+
+def test_an_op_that_disagrees_with_float32_math_is_not_used(monkeypatch):
+    """Each op is tried once against float32 math (forward, lse and gradients, causal, GQA) before use."""
+    import dataclasses
+
+    from ring_sp import kernels
+    from ring_sp.kernels import Visibility, sdpa_backend
+
+    def off(q, k, v, causal, scale):
+        out, lse = sdpa_backend._cpu_fwd(q, k, v, causal, scale)
+        return out, lse + 0.5
+
+    monkeypatch.setitem(sdpa_backend.OPS, "fa4", dataclasses.replace(sdpa_backend.OPS["cpu"], name="fa4",
+                                                                       forward=off))
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    q = torch.randn(1, 8, 2, 16)
+    assert not sdpa_backend._available(sdpa_backend.OPS["fa4"], q)
+    assert sdpa_backend._available(sdpa_backend.OPS["cpu"], q)
+    assert sdpa_backend.SdpaBackend()._op(q).name == "cpu"
+    assert "no fused op" in kernels.get("sdpa_fa4").unsupported(q, q, Visibility())
+
+
+def test_flash_attn_4_alone_does_not_register_the_flash_attn_2_backend(tmp_path, monkeypatch):
+    """flash-attn-4 installs the namespace package flash_attn holding only flash_attn.cute."""
+    import importlib.util
+    import sys
+
+    from ring_sp import kernels
+
+    (tmp_path / "flash_attn" / "cute").mkdir(parents=True)
+    (tmp_path / "flash_attn" / "cute" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    try:
+        assert importlib.util.find_spec("flash_attn") is not None
+        assert not kernels._installed("flash_attn.flash_attn_interface")
+        assert not kernels._installed("no_such_package.module")
+    finally:
+        sys.modules.pop("flash_attn", None)

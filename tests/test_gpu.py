@@ -61,7 +61,7 @@ def _needs_cudnn_frontend():
 
 VARIANTS = [  # (causal, masked, window)
     (False, False, None), (True, False, None), (True, True, None), (True, False, WINDOW), (False, True, None)]
-SDPA_NAMES = ("sdpa", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
+SDPA_NAMES = ("sdpa", "sdpa_fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_efficient")
 
 
 @pytest.mark.parametrize("backend", ["auto", "triton", *SDPA_NAMES])

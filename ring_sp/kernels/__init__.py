@@ -30,10 +30,19 @@ def _flash_attn(bucket_size):
     return FlashAttnBackend(bucket_size)
 
 
-if importlib.util.find_spec("flash_attn") is not None:
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # a parent package that is missing or fails to import
+        return False
+
+
+# flash-attn 2 (flash-attn-4 alone installs the namespace package flash_attn with only flash_attn.cute in it: that
+# one is the sdpa backend's "fa4" op)
+if _installed("flash_attn.flash_attn_interface"):
     register("flash_attn", _flash_attn, priority=15)
 
-for _op in ("cudnn", "cudnn_ragged", "flash", "efficient", "cpu"):
+for _op in ("fa4", "cudnn", "cudnn_ragged", "flash", "efficient", "cpu"):
     register(f"sdpa_{_op}", lambda bucket_size, op=_op: SdpaBackend(op), priority=-10)
 
 __all__ = ["Backend", "Band", "BlockDocuments", "SdpaBackend", "State", "TorchBackend", "Visibility", "choose", "get",

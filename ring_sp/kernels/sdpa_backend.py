@@ -11,6 +11,9 @@ the seed's CAUSAL_MASK_DIAGONAL) through the one-token shift: rows c: attend key
 the ops' own top-left causal mask, and rows below c see nothing of the block. Windows and key
 masks are left to other backends.
 
+FlashAttention-4 (``pip install ring_sp[fa4]``), where it loads and agrees with float32 math on a small call, comes
+first for dense calls: full ones, and causal ones that are square (its causal mask is aligned bottom-right).
+
 Blocks of several documents whose runs the schedule lists (``document_grid=WHOLE``) go to a ragged op
 as a batch of variable-length sequences, one per document: one CPU kernel call per document on the CPU;
 cuDNN's through NVIDIA's cudnn-frontend on CUDA where it is installed (op ``cudnn_ragged``, first under
@@ -52,6 +55,7 @@ class Op:
     ragged_backward: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Ragged, bool, float],
                               tuple[Tensor, Tensor, Tensor]] | None = None
     one_token: bool = True  # takes a call of one query on one key (cuDNN 9.19's backward refuses s_q = s_kv = 1)
+    square_causal: bool = False  # aligns its causal mask bottom-right: causal calls only where rows == keys
 
 
 def _cudnn_fwd(q, k, v, causal, scale):
@@ -100,6 +104,26 @@ def _cpu_fwd(q, k, v, causal, scale):
 
 def _cpu_bwd(do, q, k, v, out, lse, causal, scale):
     return aten._scaled_dot_product_flash_attention_for_cpu_backward(do, q, k, v, out, lse, 0.0, causal, scale=scale)
+
+
+# FlashAttention-4 (``pip install flash-attn-4``: CuTe DSL kernels for Hopper and Blackwell, compiled on first use
+# per dtype, head_dim and mask kind, not per length). Tensors (batch, seq, heads, d), GQA native, lse (batch, heads,
+# seq) fp32. Its causal mask is aligned bottom-right, ours top-left: they agree on square calls (square_causal).
+def _fa4():
+    from flash_attn.cute import interface
+
+    return interface
+
+
+def _fa4_fwd(q, k, v, causal, scale):
+    out, lse, *_ = _fa4()._flash_attn_fwd(*_seq_first(q, k, v), softmax_scale=scale, causal=causal, return_lse=True)
+    return out.transpose(1, 2), lse
+
+
+def _fa4_bwd(do, q, k, v, out, lse, causal, scale):
+    q, k, v, out, do = _seq_first(q, k, v, out, do)
+    grads = _fa4()._flash_attn_bwd(q, k, v, out, do, lse.contiguous(), softmax_scale=scale, causal=causal)
+    return tuple(g.transpose(1, 2) for g in grads[:3])
 
 
 # cuDNN's ragged attention through NVIDIA's cudnn-frontend (``pip install nvidia-cudnn-frontend``), which keeps
@@ -223,6 +247,8 @@ def _cpu_ragged_bwd(do, q, k, v, out, lse, docs: Ragged, causal, scale):
 
 _HALF = (torch.float16, torch.bfloat16)
 OPS = {
+    # FlashAttention-4 where it is installed: first for dense calls (H100, head_dim 64: 1.25x cuDNN forward+backward).
+    "fa4": Op("fa4", "cuda", _HALF, True, _fa4_fwd, _fa4_bwd, one_token=False, square_causal=True),
     "cudnn": Op("cudnn", "cuda", _HALF, True, _cudnn_fwd, _cudnn_bwd, one_token=False),
     # PyTorch's cuDNN op for the lengths that recur, cudnn-frontend's ragged op for the rest and for blocks of several
     # documents (first under sdpa / auto where cudnn-frontend is installed).
@@ -300,8 +326,8 @@ def accumulate(dst: Tensor, src: Tensor) -> None:
 
 
 class SdpaBackend:
-    """``op=None``: the first of cuDNN with cudnn-frontend (``cudnn_ragged``), cuDNN, flash, efficient (CUDA) or the
-    CPU kernel that takes the inputs."""
+    """``op=None``: the first of FlashAttention-4 (dense calls), cuDNN with cudnn-frontend (``cudnn_ragged``), cuDNN,
+    flash, efficient (CUDA) or the CPU kernel that takes the inputs."""
 
     auto_devices = ("cuda", "cpu")
     takes_document_runs = True  # blocks of several documents need their runs (document_grid=WHOLE)
@@ -310,14 +336,15 @@ class SdpaBackend:
         self.op_name = op
         self.name = "sdpa" if op is None else f"sdpa_{op}"
 
-    def _op(self, q: Tensor, ragged: bool = False, rows: int = 2, keys: int = 2) -> Op | None:
+    def _op(self, q: Tensor, ragged: bool = False, rows: int = 2, keys: int = 2, causal: bool = False) -> Op | None:
         """The first op that takes ``q``'s device and dtype (and its ragged form) for a call of ``rows`` queries
         on ``keys`` keys."""
-        names = [self.op_name] if self.op_name else ["cudnn_ragged", "cudnn", "flash", "efficient", "cpu"]
+        names = [self.op_name] if self.op_name else ["fa4", "cudnn_ragged", "cudnn", "flash", "efficient", "cpu"]
         for name in names:
             op = OPS[name]
             if (op.device == q.device.type and q.dtype in op.dtypes and (not ragged or op.ragged_forward)
-                    and (op.one_token or rows != 1 or keys != 1) and _available(op, q, ragged)):
+                    and (op.one_token or rows != 1 or keys != 1)
+                    and (not op.square_causal or not causal or rows == keys) and _available(op, q, ragged)):
                 return op
         return None
 
@@ -331,8 +358,8 @@ class SdpaBackend:
         if docs is not None:
             return _unsupported_documents(docs.runs, band) or (
                 None if self._op(q, ragged=True) else f"no ragged (per-document) op for {q.dtype} on {q.device.type}")
-        row0, n_keys, _ = self._shifted(band, q.shape[1], k.shape[1])
-        if self._op(q, rows=q.shape[1] - row0, keys=n_keys) is None:
+        row0, n_keys, causal = self._shifted(band, q.shape[1], k.shape[1])
+        if self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal) is None:
             return f"no fused op for {q.dtype} on {q.device.type} and {q.shape[1] - row0} x {n_keys} tokens"
         return None
 
@@ -352,7 +379,7 @@ class SdpaBackend:
         if row0 >= sq or n_keys <= 0:
             state.finish(out)
             return
-        op = self._op(q, rows=sq - row0, keys=n_keys)
+        op = self._op(q, rows=sq - row0, keys=n_keys, causal=causal)
         k, v = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         o, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
         fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
@@ -381,7 +408,7 @@ class SdpaBackend:
         row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
         if row0 >= q.shape[1] or n_keys <= 0:
             return
-        op = self._op(q, rows=q.shape[1] - row0, keys=n_keys)
+        op = self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal)
         t = lambda x: x[:, row0:].transpose(1, 2)  # noqa: E731
         kx, vx = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         gq, gk, gv = op.backward(t(do), t(q), kx.transpose(1, 2), vx.transpose(1, 2), t(out), lse[:, :, row0:],
@@ -439,10 +466,24 @@ def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
 
 
 def _try(op: Op, q: Tensor) -> bool:
-    x = torch.randn(1, 2, 24, q.shape[-1], device=q.device, dtype=q.dtype)  # 24: cudnn_ragged's cudnn-frontend path
-    out, lse = op.forward(x, x, x, True, 1.0)
-    grads = op.backward(x, x, x, x, out, lse, True, 1.0)
-    return all(bool(torch.isfinite(g).all()) for g in grads)
+    """A causal call of 24 tokens (cudnn_ragged's cudnn-frontend path) with GQA against float32 math."""
+    g = torch.Generator().manual_seed(0)
+    d = q.shape[-1]
+    x, do = (torch.randn(1, 4, 24, d, generator=g).to(q.device, q.dtype) for _ in range(2))
+    y, z = (torch.randn(1, 2, 24, d, generator=g).to(q.device, q.dtype) for _ in range(2))
+    y, z = (y, z) if op.gqa else (y.repeat_interleave(2, 1), z.repeat_interleave(2, 1))
+    scale = d**-0.5
+    out, lse = op.forward(x, y, z, True, scale)
+    grads = op.backward(do, x, y, z, out, lse, True, scale)
+    ref = [t.float().requires_grad_() for t in (x, y, z)]
+    keys, values = (t.repeat_interleave(x.shape[1] // t.shape[1], 1) for t in ref[1:])
+    scores = (ref[0] @ keys.transpose(-1, -2) * scale).masked_fill(
+        torch.ones(24, 24, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    want = scores.softmax(-1) @ values
+    want.backward(do.float())
+    close = lambda a, b: torch.allclose(a.float(), b.float(), atol=5e-2, rtol=5e-2)  # noqa: E731
+    return (close(out, want) and close(lse.reshape(want.shape[:3]), scores.logsumexp(-1))
+            and all(close(a, b.grad) for a, b in zip(grads, ref)))
 
 
 def _try_ragged(op: Op, q: Tensor) -> bool:
