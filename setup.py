@@ -15,9 +15,9 @@ setup(
         "deepspeed": ["deepspeed>=0.14"],
         # --fused-kernels liger: Triton RMSNorm, SwiGLU, fused linear cross-entropy (needs torch >= 2.1.2, triton)
         "liger": ["liger-kernel>=0.8.5"],
-        # packed documents: cuDNN's ragged attention for whole blocks of several documents (CUDA)
         # FlashAttention-4 (CuTe DSL, Hopper/Blackwell): the sdpa backend's first op for dense blocks where it loads
         "fa4": ["flash-attn-4>=4.0.0b40"],
+        # packed documents: cuDNN's ragged attention for whole blocks of several documents (CUDA)
         "cudnn": ["nvidia-cudnn-frontend>=1.32"],
         "dev": ["pytest", "pytest-xdist", "ruff", "matplotlib"],
         "all": ["triton>=3.0", "megatron-core>=0.13", "deepspeed>=0.14", "liger-kernel>=0.8.5", "matplotlib"],
