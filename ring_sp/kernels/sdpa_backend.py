@@ -23,6 +23,7 @@ many rows as columns (its own causal square).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -35,6 +36,7 @@ from ring_sp.kernels.state import State, state_dtype
 from ring_sp.kernels.visibility import BlockDocuments, Ragged, Visibility, power_of_two, ragged
 
 aten = torch.ops.aten
+log = logging.getLogger("ring_sp")
 
 
 @dataclass(frozen=True)
@@ -459,9 +461,15 @@ def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
     key = (op.name, q.device, q.dtype, q.shape[-1], ragged)
     if key not in _AVAILABLE:
         try:
-            _AVAILABLE[key] = _try_ragged(op, q) if ragged else _try(op, q)
-        except (ImportError, OSError, RuntimeError, TypeError, ValueError, IndexError, NotImplementedError):
-            _AVAILABLE[key] = False
+            works = _try_ragged(op, q) if ragged else _try(op, q)
+            why = "it disagrees with float32 math"
+        except Exception as error:  # noqa: BLE001 - an optional package that fails in any way is not used
+            works, why = False, f"{type(error).__name__}: {error}"
+        _AVAILABLE[key] = works
+        quiet = works or why.startswith(("ImportError", "ModuleNotFoundError"))  # not installed: no news
+        (log.debug if quiet else log.info)("sdpa op %s%s%s for %s head_dim %d on %s%s", op.name, " (ragged)" * ragged,
+                                           " not used" * (not works), q.dtype, q.shape[-1], q.device.type,
+                                           "" if works else f": {why}")
     return _AVAILABLE[key]
 
 
