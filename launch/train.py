@@ -62,11 +62,11 @@ def train(args: argparse.Namespace, config: dict) -> None:
     dist.destroy_process_group()
 
 
-def describe_documents(args: argparse.Namespace, device: torch.device) -> str:
-    """How the ring computes the document masks of --reset-attention-mask on this device (ring_sp.document_plan)."""
+def _like_attention(args: argparse.Namespace, device: torch.device):
+    """The ring's options (causal) and empty q, k shaped like one tensor-parallel rank's attention inputs."""
     from dataclasses import replace
 
-    from ring_sp import RingOptions, document_plan, schedule
+    from ring_sp import RingOptions
 
     tp = args.tensor_model_parallel_size
     head_dim = args.hidden_size // args.num_attention_heads
@@ -74,7 +74,25 @@ def describe_documents(args: argparse.Namespace, device: torch.device) -> str:
     q = torch.empty(1, 1, args.num_attention_heads // tp, head_dim, device=device, dtype=dtype)
     k = torch.empty(1, 1, (args.num_query_groups or args.num_attention_heads) // tp, head_dim, device=device,
                     dtype=dtype)
-    opts = replace(RingOptions.from_args(args), causal=True)
+    return replace(RingOptions.from_args(args), causal=True), q, k
+
+
+def describe_kernel(args: argparse.Namespace, device: torch.device) -> str:
+    """Which kernel computes the ring's causal blocks on this device (ring_sp.attention_kernel)."""
+    from ring_sp import attention_kernel
+
+    opts, q, k = _like_attention(args, device)
+    kernel = attention_kernel(opts, q, k)
+    if device.type == "cuda" and opts.backend == "auto" and "fa4" not in kernel:
+        kernel += " (with `pip install ring_sp[fa4]`, FlashAttention-4 where it loads: faster on Hopper and Blackwell)"
+    return kernel
+
+
+def describe_documents(args: argparse.Namespace, device: torch.device) -> str:
+    """How the ring computes the document masks of --reset-attention-mask on this device (ring_sp.document_plan)."""
+    from ring_sp import document_plan, schedule
+
+    opts, q, k = _like_attention(args, device)
     if document_plan(opts, q, k) == "whole":
         kernel = "one CPU kernel call per document" if device.type == "cpu" else "cuDNN's ragged attention"
         return f"blocks of several documents kept whole ({kernel})"
@@ -104,6 +122,8 @@ def run(job: Job, start: int) -> None:
         print(job.recompute_line, flush=True)
         fused = f"liger ({', '.join(job.fused)})" if job.fused else "none (Megatron-core's modules)"
         print(f"fused kernels: {fused}", flush=True)
+        if args.ring_attention:
+            print(f"attention kernel: {describe_kernel(args, job.device)}", flush=True)
         if args.reset_attention_mask and args.ring_attention:
             print(f"packed documents: {describe_documents(args, job.device)}", flush=True)
     guard = NonFiniteGuard(args.nan_policy, args.nan_skip_limit, args.lr, args.fp16, job.device)

@@ -21,7 +21,7 @@ from megatron_patch import defaults, packed, packed_rope
 from megatron_patch.documents import boundaries, documents_of, is_document_mask, read_once
 from megatron_patch.groups import context_parallel_group
 from megatron_patch.options import RingOptions, check_ring_size, lookback_from_window
-from ring_sp import document_plan, local_positions, ring_attention
+from ring_sp import attention_kernel, document_plan, local_positions, ring_attention
 from ring_sp.options import FLAGS
 
 _CAUSAL = (AttnMaskType.causal, AttnMaskType.padding_causal)
@@ -93,6 +93,7 @@ class RingCoreAttention(MegatronModule):
         self.softmax_scale = softmax_scale
         self.cp_comm_type = cp_comm_type  # Transformer Engine's context-parallel transport; unused here
         self.document_plan: str | None = None  # "whole" / "grid" once it met packed documents (the guard says it)
+        self.kernel: str | None = None  # ring_sp.attention_kernel on its first call (the guard says it)
         if attention_type != "self":
             raise ValueError(f"attention_type={attention_type!r}: ring attention is self-attention only")
         dropout = config.attention_dropout if attention_dropout is None else attention_dropout
@@ -157,14 +158,17 @@ class RingCoreAttention(MegatronModule):
                              "(its batch split adds them); Megatron-core: shard_batch(..., documents=cu_seqlens)")
         causal = self._causal(mask_type, attention_mask, query.shape[0], query.device)
         q, k, v = (t.transpose(0, 1) for t in (query, key, value))
-        self._note_documents(documents, causal, q, k)
+        self._note_kernels(documents, causal, q, k)
         out = ring_attention(q, k, v, **self._options(causal), group=self.group, cu_seqlens=documents,
                              agree=self._agrees())
         sq, b, h, d = query.shape
         return out.transpose(0, 1).reshape(sq, b, h * d)
 
-    def _note_documents(self, documents, causal: bool, q: Tensor, k: Tensor) -> None:
-        """Remember how the ring computes packed documents here (ring_sp.document_plan), the first time."""
+    def _note_kernels(self, documents, causal: bool, q: Tensor, k: Tensor) -> None:
+        """Remember the kernel (ring_sp.attention_kernel) and how the ring computes packed documents here
+        (ring_sp.document_plan), the first time."""
+        if self.kernel is None:
+            self.kernel = attention_kernel(RingOptions.from_kwargs(self._options(causal)), q, k)
         if documents is not None and self.document_plan is None:
             self.document_plan = document_plan(RingOptions.from_kwargs(self._options(causal)), q, k)
 
@@ -214,7 +218,7 @@ class RingCoreAttention(MegatronModule):
         q, k, v = (t.reshape(t.shape[0], *t.shape[-2:])[None] for t in (query, key, value))  # (1, t, heads, d)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         documents = read_once(bounds, boundaries)
-        self._note_documents(documents, mask_type not in _FULL, q, k)
+        self._note_kernels(documents, mask_type not in _FULL, q, k)
         out = ring_attention(q, k, v, **self._options(mask_type not in _FULL), group=self.group,
                              cu_seqlens=documents, agree=self._agrees())
         return out[0].reshape(q.shape[1], -1)

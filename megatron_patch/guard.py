@@ -176,4 +176,6 @@ def check_first_step(model, context_parallel_size: int) -> str:
     split = "megatron_patch's" if _seen["data_split"] else "not called on this rank"
     plans = sorted({m.document_plan for _, m in _named(model) if getattr(m, "document_plan", None)})
     documents = f"; packed documents: {', '.join(plans)} (ring_sp.document_plan)" if plans else ""
-    return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}{documents}"
+    kernels = sorted({m.kernel for _, m in _named(model) if getattr(m, "kernel", None)})
+    kernel = f"; attention kernel: {', '.join(kernels)}" if kernels else ""
+    return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}{kernel}{documents}"

@@ -1,6 +1,6 @@
 """ring_sp: exact ring attention (sequence parallelism) for Megatron-core and DeepSpeed."""
 
-from ring_sp.attention import document_plan, ring_attention, ring_attention_simulated
+from ring_sp.attention import attention_kernel, document_plan, ring_attention, ring_attention_simulated
 from ring_sp.documents import document_positions
 from ring_sp.layout import LAYOUTS, local_positions
 from ring_sp.options import RingOptions
@@ -9,6 +9,7 @@ from ring_sp.sharding import merge, shard, split, unshard
 __all__ = [
     "LAYOUTS",
     "RingOptions",
+    "attention_kernel",
     "document_plan",
     "document_positions",
     "local_positions",

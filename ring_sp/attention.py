@@ -78,6 +78,17 @@ def document_plan(opts: RingOptions, q: Tensor, k: Tensor) -> str:
     return "whole" if any(b.runs for step in schedule.steps for blocks in step for b in blocks) else "grid"
 
 
+def attention_kernel(opts: RingOptions, q: Tensor, k: Tensor) -> str:
+    """The kernel that computes a ring's blocks with ``opts`` (without key mask, window or documents) for inputs like
+    ``q`` and ``k`` (their device, dtype, heads and head_dim): the backend's name, and for ``sdpa`` its fused op,
+    e.g. ``"sdpa (fa4)"`` (FlashAttention-4), ``"sdpa (cudnn_ragged)"``, ``"sdpa (cpu)"``, ``"triton"``."""
+    q1, k1 = q.new_empty(1, 64, *q.shape[-2:]), k.new_empty(1, 64, *k.shape[-2:])
+    visibility = Visibility(kernels.Band(lo=0) if opts.causal else kernels.Band())
+    backend = kernels.choose(opts.backend, q1, k1, visibility, opts.bucket_size)
+    op = getattr(backend, "op_for", None)
+    return f"{backend.name} ({op(q1, k1, visibility)})" if op else backend.name
+
+
 @lru_cache(maxsize=256)
 def _takes_whole(schedule: Schedule, backend: str, bucket_size: int | None, device: torch.device,
                  dtype: torch.dtype, shape: tuple[int, int], kv_heads: int) -> bool:

@@ -175,3 +175,18 @@ def test_flash_attn_4_alone_does_not_register_the_flash_attn_2_backend(tmp_path,
         assert not kernels._installed("no_such_package.module")
     finally:
         sys.modules.pop("flash_attn", None)
+
+
+def test_attention_kernel_names_the_backend_and_its_fused_op(monkeypatch):
+    """ring_sp.attention_kernel: what computes a ring's blocks for given options and inputs (the job and
+    megatron_patch's guard print it), so an optional kernel that failed to load is not a silent fallback."""
+    from ring_sp import RingOptions, attention_kernel
+    from ring_sp.kernels import sdpa_backend
+
+    q, k = torch.empty(1, 8, 4, 16), torch.empty(1, 8, 2, 16)
+    assert attention_kernel(RingOptions(causal=True), q, k) == "sdpa (cpu)"
+    assert attention_kernel(RingOptions(backend="torch"), q, k) == "torch"
+    monkeypatch.setitem(sdpa_backend.OPS, "fa4", _counting(sdpa_backend.OPS["cpu"], []))
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    assert attention_kernel(RingOptions(causal=True), q, k) == "sdpa (fa4)"
+    assert attention_kernel(RingOptions(causal=True), q.double(), k.double()) == "sdpa (fa4)"

@@ -52,6 +52,7 @@ def test_guard_says_how_packed_documents_ran(dist_pool):
                                                                                                       "ring"))
     assert thd.startswith("no error") and "guard passed after the first step" in thd, thd
     assert "packed documents: whole (ring_sp.document_plan)" in thd, thd
+    assert "attention kernel: sdpa (cpu)" in thd and "attention kernel: sdpa (cpu)" in plain, plain
     assert "guard passed after the first step" in plain and "packed documents" not in plain, plain
 
 

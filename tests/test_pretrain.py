@@ -63,6 +63,7 @@ def test_packed_documents_ring_matches_dense_attention(runs):
     _close(runs["ring2_docs"], runs["dense_docs"], [1, 2, 3, 4], rtol=1e-5)
     # the ring's torch backend masks by document ids: the job says it plans the document grid
     assert "packed documents: document grid 4096: " in runs["ring2_docs_output"][0]
+    assert "\nattention kernel: torch\n" in runs["ring2_docs_output"][0]  # the config's backend, said at start
     unmasked = [f for f in DOCUMENTS if f != "--reset-attention-mask"]
     ring = deepspeed_run(runs["tmp"], "ring2_docs_unmasked", 2, 2, 1, ["--exit-interval", "2", *unmasked])
     dense = runs["dense_docs"]

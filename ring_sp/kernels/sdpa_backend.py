@@ -365,6 +365,15 @@ class SdpaBackend:
             return f"no fused op for {q.dtype} on {q.device.type} and {q.shape[1] - row0} x {n_keys} tokens"
         return None
 
+    def op_for(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
+        """The name of the fused op that computes such a block (None: none does)."""
+        if visibility.documents is not None:
+            op = self._op(q, ragged=True)
+        else:
+            row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
+            op = self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal)
+        return op.name if op else None
+
     @staticmethod
     def _shifted(band: Band, sq: int, sk: int) -> tuple[int, int, bool]:
         """(first query row, number of keys, causal) of the op call that computes ``band``."""
