@@ -167,10 +167,11 @@ class RingCoreAttention(MegatronModule):
     def _note_kernels(self, documents, causal: bool, q: Tensor, k: Tensor) -> None:
         """Remember the kernel (ring_sp.attention_kernel) and how the ring computes packed documents here
         (ring_sp.document_plan), the first time."""
-        if self.kernel is None:
-            self.kernel = attention_kernel(RingOptions.from_kwargs(self._options(causal)), q, k)
-        if documents is not None and self.document_plan is None:
-            self.document_plan = document_plan(RingOptions.from_kwargs(self._options(causal)), q, k)
+        if self.kernel is None or (documents is not None and self.document_plan is None):
+            options = RingOptions.from_kwargs(self._options(causal))
+            self.kernel = attention_kernel(options, q, k)
+            if documents is not None:
+                self.document_plan = document_plan(options, q, k)
 
     def _options(self, causal: bool) -> dict:
         """``ring_attention``'s option arguments for this layer: the ring is the whole group (``ring_size``

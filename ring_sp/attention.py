@@ -73,7 +73,7 @@ def document_plan(opts: RingOptions, q: Tensor, k: Tensor) -> str:
     heads and head_dim): ``"whole"``, blocks of several documents kept whole for a kernel that takes document
     boundaries (cuDNN's ragged attention through cudnn-frontend, the CPU kernel), or ``"grid"``, cut on
     ``ring_sp.schedule.DOCUMENT_GRID`` (see README, packed sequences)."""
-    q1, k1 = q.new_empty(1, 64, *q.shape[-2:]), k.new_empty(1, 64, *k.shape[-2:])
+    q1, k1 = _like(q, k)
     schedule = _plan(opts, ((0, 5, 40, 100, 128),), 2, q1, k1, None)
     return "whole" if any(b.runs for step in schedule.steps for blocks in step for b in blocks) else "grid"
 
@@ -82,11 +82,16 @@ def attention_kernel(opts: RingOptions, q: Tensor, k: Tensor) -> str:
     """The kernel that computes a ring's blocks with ``opts`` (without key mask, window or documents) for inputs like
     ``q`` and ``k`` (their device, dtype, heads and head_dim): the backend's name, and for ``sdpa`` its fused op,
     e.g. ``"sdpa (fa4)"`` (FlashAttention-4), ``"sdpa (cudnn_ragged)"``, ``"sdpa (cpu)"``, ``"triton"``."""
-    q1, k1 = q.new_empty(1, 64, *q.shape[-2:]), k.new_empty(1, 64, *k.shape[-2:])
+    q1, k1 = _like(q, k)
     visibility = Visibility(kernels.Band(lo=0) if opts.causal else kernels.Band())
     backend = kernels.choose(opts.backend, q1, k1, visibility, opts.bucket_size)
     op = getattr(backend, "op_for", None)
     return f"{backend.name} ({op(q1, k1, visibility)})" if op else backend.name
+
+
+def _like(q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Empty shards of 64 tokens with ``q``'s and ``k``'s device, dtype, heads and head_dim."""
+    return q.new_empty(1, 64, *q.shape[-2:]), k.new_empty(1, 64, *k.shape[-2:])
 
 
 @lru_cache(maxsize=256)

@@ -360,19 +360,20 @@ class SdpaBackend:
         if docs is not None:
             return _unsupported_documents(docs.runs, band) or (
                 None if self._op(q, ragged=True) else f"no ragged (per-document) op for {q.dtype} on {q.device.type}")
-        row0, n_keys, causal = self._shifted(band, q.shape[1], k.shape[1])
-        if self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal) is None:
+        op, row0, n_keys, _ = self._call(q, k, band)
+        if op is None:
             return f"no fused op for {q.dtype} on {q.device.type} and {q.shape[1] - row0} x {n_keys} tokens"
         return None
 
     def op_for(self, q: Tensor, k: Tensor, visibility: Visibility) -> str | None:
         """The name of the fused op that computes such a block (None: none does)."""
-        if visibility.documents is not None:
-            op = self._op(q, ragged=True)
-        else:
-            row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
-            op = self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal)
+        op = self._op(q, ragged=True) if visibility.documents is not None else self._call(q, k, visibility.band)[0]
         return op.name if op else None
+
+    def _call(self, q: Tensor, k: Tensor, band: Band) -> tuple[Op | None, int, int, bool]:
+        """(op, first query row, number of keys, causal) of the dense op call that computes ``band``."""
+        row0, n_keys, causal = self._shifted(band, q.shape[1], k.shape[1])
+        return self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal), row0, n_keys, causal
 
     @staticmethod
     def _shifted(band: Band, sq: int, sk: int) -> tuple[int, int, bool]:
@@ -385,12 +386,11 @@ class SdpaBackend:
                 fresh: bool = False, out: Tensor | None = None) -> None:
         if visibility.documents is not None:
             return self._ragged_forward(q, k, v, state, visibility, scale, fresh, out)
-        sq = q.shape[1]
-        row0, n_keys, causal = self._shifted(visibility.band, sq, k.shape[1])
-        if row0 >= sq or n_keys <= 0:
+        row0, n_keys, _ = self._shifted(visibility.band, q.shape[1], k.shape[1])
+        if row0 >= q.shape[1] or n_keys <= 0:
             state.finish(out)
             return
-        op = self._op(q, rows=sq - row0, keys=n_keys, causal=causal)
+        op, row0, n_keys, causal = self._call(q, k, visibility.band)
         k, v = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         o, lse = op.forward(q[:, row0:].transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal, scale)
         fold(state, row0, o.transpose(1, 2), lse.to(state.lse.dtype), fresh=fresh, out=out)
@@ -416,10 +416,10 @@ class SdpaBackend:
                  dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         if visibility.documents is not None:
             return self._ragged_backward(do, q, k, v, out, lse, dq, dk, dv, visibility, scale)
-        row0, n_keys, causal = self._shifted(visibility.band, q.shape[1], k.shape[1])
+        row0, n_keys, _ = self._shifted(visibility.band, q.shape[1], k.shape[1])
         if row0 >= q.shape[1] or n_keys <= 0:
             return
-        op = self._op(q, rows=q.shape[1] - row0, keys=n_keys, causal=causal)
+        op, row0, n_keys, causal = self._call(q, k, visibility.band)
         t = lambda x: x[:, row0:].transpose(1, 2)  # noqa: E731
         kx, vx = _expand(op, q, k[:, :n_keys]), _expand(op, q, v[:, :n_keys])
         gq, gk, gv = op.backward(t(do), t(q), kx.transpose(1, 2), vx.transpose(1, 2), t(out), lse[:, :, row0:],
