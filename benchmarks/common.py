@@ -72,15 +72,16 @@ def _version(package: str) -> str | None:
 
 
 def environment() -> dict:
-    """Device, software versions (of the installed packages among torch, triton, deepspeed and
-    megatron-core) and UTC time, for the header of a results file."""
+    """Device, software versions (of the installed packages among torch, triton, deepspeed,
+    megatron-core and the optional kernel libraries) and UTC time, for the header of a results file."""
     if torch.cuda.is_available():
         memory = torch.cuda.get_device_properties().total_memory
         env = dict(gpu=torch.cuda.get_device_name(), gpu_memory_gib=round(memory / GIB, 1), cuda=torch.version.cuda,
                    cudnn=torch.backends.cudnn.version(), nccl=".".join(map(str, torch.cuda.nccl.version())))
     else:
         env = dict(gpu="none (CPU)", cpu=platform.processor() or platform.machine())
-    env.update(torch=torch.__version__, **{p: _version(p) for p in ("triton", "deepspeed", "megatron-core")},
+    packages = ("triton", "deepspeed", "megatron-core", "flash-attn-4", "nvidia-cudnn-frontend", "liger-kernel")
+    env.update(torch=torch.__version__, **{p: _version(p) for p in packages},
                python=platform.python_version(),
                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     return env

@@ -250,6 +250,16 @@ def loss_overlay(opts) -> dict:
     return out
 
 
+def earlier_rows(path: str, now: list[dict]) -> list[dict]:
+    """The scaling rows of an earlier call's results.json whose (setup, seq) this call did not run, each marked
+    with that call's GPU and date (``previous``)."""
+    with open(path) as f:
+        earlier = json.load(f)
+    env, done = earlier["environment"], {(r["name"], r["seq"]) for r in now}
+    mark = f"{env.get('gpu', '?')}, {env.get('date', '?')}"
+    return [{**r, "previous": mark} for r in earlier["scaling"] if (r["name"], r["seq"]) not in done]
+
+
 def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None:
     lines = [f"# Pretraining on one node: {opts.nproc} ranks", "", env_line(env), "",
              f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", "",
@@ -259,7 +269,8 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
         for r in scaled:
             ok = r["status"] == "ok"
             mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] is not None else "—"
-            rows.append([r["name"], r["seq"], r["status"], *([f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
+            name = r["name"] + (" *" if r.get("previous") else "")
+            rows.append([name, r["seq"], r["status"], *([f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
                                                              f"{r['peak_memory_mb']:.0f}"] if ok else ["—"] * 3)])
         longest = {}
         for r in scaled:
@@ -267,6 +278,9 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
                 longest[r["name"]] = max(longest.get(r["name"], 0), r["seq"])
         lines += ["## Sequence length", "",
                   *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)"], rows), "",
+                  *(["\\* from an earlier call (`--previous`): "
+                     + ", ".join(sorted({r["previous"] for r in scaled if r.get("previous")})), ""]
+                    if any(r.get("previous") for r in scaled) else []),
                   "What each run chose (`--recompute-granularity`, `--fused-kernels`):", "",
                   *(f"- {r['name']} seq {r['seq']}: {r['recompute'] or '—'}; {r['fused_kernels'] or '—'}"
                     for r in scaled),
@@ -319,8 +333,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dry-run", action="store_true", help="tiny model and lengths (what CPU runs use anyway)")
     p.add_argument("--config", default=None, help="base DeepSpeed config (default: node_8gpu.json, cpu_demo.json)")
     p.add_argument("--model", default=None, help=f"model and training flags (default: {LLAMA_1B!r})")
-    p.add_argument("--setups", nargs="+", default=None,
-                   help="NAME:ring=R,tp=T ... (default: ring8, tp2ring4, dense baseline; CPU: ring2, dense)")
+    p.add_argument("--setups", nargs="*", default=None,
+                   help="NAME:ring=R,tp=T ... (default: ring8, tp2ring4, dense baseline; CPU: ring2, dense); "
+                        "none at all with --megatron-lm: only Megatron-LM's runs")
+    p.add_argument("--previous", default=None, metavar="RESULTS_JSON",
+                   help="results.json of an earlier call on the same machine: its scaling rows of setups and "
+                        "lengths not run now join this report and plot (marked as from that call)")
     p.add_argument("--start-seq", type=int, default=None)
     p.add_argument("--max-seq", type=int, default=None)
     p.add_argument("--iters", type=int, default=None, help="training steps per scaling run")
@@ -363,10 +381,13 @@ def main(argv: list[str] | None = None) -> int:
     if set(parts) - {"scaling", "loss"}:
         raise ValueError(f"--parts {opts.parts!r}: choose from scaling, loss")
     env = environment()
+    if "scaling" in parts and not opts.setups and not opts.megatron_lm:
+        raise ValueError("--setups: none given and no --megatron-lm: name at least one setup, NAME:ring=R,tp=T")
     if opts.megatron_lm and opts.nproc != 1:
         raise ValueError(f"--megatron-lm runs on one GPU (context-parallel 1): pass --nproc 1, not {opts.nproc}")
     scaled = scaling(opts) if "scaling" in parts else []
     scaled += megatron_lm(opts) if opts.megatron_lm else []
+    scaled = earlier_rows(opts.previous, scaled) + scaled if opts.previous else scaled
     loss = loss_overlay(opts) if "loss" in parts else None
     write_report(opts, env, scaled, loss)
     broken = [r for r in scaled if r["status"].startswith("failed")]

@@ -99,11 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--exit-interval", type=int, default=None, help="stop (and save) after this iteration")
     g.add_argument("--lr", type=float, default=3e-3)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0,
+                   help="linear warmup from 0 over this many iterations (Megatron-LM's schedule: the first runs at "
+                        "lr 0), then decay to --min-lr at --train-iters")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine"], default="linear",
+                   help="default linear, as in Megatron-LM")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="default 0.999, as in Megatron-LM")
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp16", action="store_true")

@@ -71,9 +71,9 @@ def build_optimizer(args, model):
                                    {"params": rest, "weight_decay": 0.0}], lr=args.lr,
                                   betas=(args.adam_beta1, args.adam_beta2))
 
-    def factor(step: int) -> float:  # step = iterations done
+    def factor(step: int) -> float:  # step = iterations done; Megatron's schedule: the first iteration runs at 0
         if step < args.lr_warmup_iters:
-            return (step + 1) / args.lr_warmup_iters
+            return step / args.lr_warmup_iters
         progress = min(1.0, (step - args.lr_warmup_iters) / max(1, args.train_iters - args.lr_warmup_iters))
         shape = {"constant": 1.0, "linear": 1.0 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
         low = args.min_lr / args.lr

@@ -131,3 +131,29 @@ def test_warnings_go_above_the_progress_bar(monkeypatch):
     lines = [line.split("\r")[-1] for line in out.getvalue().split("\n")]  # what a terminal shows
     (said,) = [line for line in lines if "UserWarning: something odd" in line]
     assert "train:" not in said and "it/s" not in said  # a line of its own, not the bar's
+
+
+@pytest.mark.parametrize("style", ["constant", "linear", "cosine"])
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_learning_rate_schedule_is_megatrons(style, warmup):
+    """--lr, --min-lr, --lr-warmup-iters, --lr-decay-style mean what they mean in Megatron-LM: the lr of every
+    iteration equals megatron-core's OptimizerParamScheduler's (stepped once per iteration, warmup from 0)."""
+    from argparse import Namespace
+
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    from launch.job import build_optimizer
+
+    args = Namespace(lr=3e-4, min_lr=3e-5, lr_warmup_iters=warmup, lr_decay_style=style, train_iters=12,
+                     weight_decay=0.01, adam_beta1=0.9, adam_beta2=0.95)
+    ours, scheduler = build_optimizer(args, torch.nn.Linear(2, 2))
+    theirs = OptimizerParamScheduler(torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=1.0), init_lr=0.0,
+                                     max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+                                     lr_decay_steps=args.train_iters, lr_decay_style=style, start_wd=0.01,
+                                     end_wd=0.01, wd_incr_steps=args.train_iters, wd_incr_style="constant")
+    for iteration in range(args.train_iters + 2):
+        assert ours.param_groups[0]["lr"] == pytest.approx(theirs.get_lr(theirs.optimizer.param_groups[0]),
+                                                            rel=1e-12, abs=1e-15), iteration
+        ours.step()
+        scheduler.step()
+        theirs.step(1)

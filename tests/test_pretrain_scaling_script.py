@@ -60,3 +60,21 @@ def test_model_flops_of_the_1b_model():
     matmul = 22 * 44_040_192 + 2048 * 32000
     assert flops_per_token(args, 4096) == 6 * matmul + 6 * 22 * 4096 * 32 * 64
     assert f"N = {matmul:,} matmul parameters" in mfu_formula(args, 989.0)  # 1,034,804,224
+
+
+def test_rows_of_an_earlier_call_join_the_report(tmp_path):
+    """--previous: a side-by-side split over two calls on one machine reports both calls' rows, marked."""
+    from benchmarks.pretrain_scaling import earlier_rows
+
+    row = {"name": "ring1", "seq": 16384, "status": "ok"}
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"environment": {"gpu": "NVIDIA H200", "date": "2026-12-07T18:00:00+00:00"},
+         "scaling": [row, {**row, "seq": 32768}]}))
+    now = [{"name": "ring1", "seq": 32768, "status": "ok"}, {"name": "megatron-lm", "seq": 16384, "status": "ok"}]
+    assert earlier_rows(str(tmp_path / "results.json"), now) == [
+        {**row, "previous": "NVIDIA H200, 2026-12-07T18:00:00+00:00"}]
+
+
+def test_no_setups_without_megatron_lm_is_refused(tmp_path):
+    run = _run(tmp_path, "--parts", "scaling", "--setups")
+    assert run.returncode != 0 and "--setups: none given and no --megatron-lm" in run.stderr
