@@ -30,7 +30,7 @@ DEMO_ACCELERATOR ?= cpu
 demo: $(VENV)/.installed
 	DS_ACCELERATOR=$(DEMO_ACCELERATOR) $(VENV)/bin/deepspeed --log_level critical --num_gpus $(NPROC) --master_port $(DEMO_PORT) launch/pretrain_gpt.py \
 		--deepspeed_config deepspeed_configs/cpu_demo.json --ring-attention --ring-backend torch --seq-length 128 \
-		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant \
+		--num-layers 2 --hidden-size 64 --num-attention-heads 4 --lr 3e-3 --lr-decay-style constant --adam-beta2 0.95 \
 		--train-iters 300 --eval-interval 50 $(DEMO_OUT) $(DEMO_ARGS)
 
 # Ring attention alone (no model): error against float64 and memory per rank.
