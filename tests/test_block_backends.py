@@ -190,3 +190,30 @@ def test_attention_kernel_names_the_backend_and_its_fused_op(monkeypatch):
     monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
     assert attention_kernel(RingOptions(causal=True), q, k) == "sdpa (fa4)"
     assert attention_kernel(RingOptions(causal=True), q.double(), k.double()) == "sdpa (fa4)"
+
+
+def test_a_ragged_op_whose_dense_form_disagrees_with_float32_math_is_not_used(monkeypatch):
+    """The ragged trial compares each document with the op's own dense call: a dense form that is off (and a
+    ragged form off the same way, which agrees with it) must not pass."""
+    import dataclasses
+
+    from ring_sp.kernels import sdpa_backend
+
+    cpu = sdpa_backend.OPS["cpu"]
+
+    def off(q, k, v, causal, scale):
+        out, lse = cpu.forward(q, k, v, causal, scale)
+        return out * 2, lse
+
+    def ragged_off(q, k, v, docs, causal, scale):
+        out, lse = cpu.ragged_forward(q, k, v, docs, causal, scale)
+        return out * 2, lse
+
+    monkeypatch.setitem(sdpa_backend.OPS, "cpu", dataclasses.replace(cpu, forward=off, ragged_forward=ragged_off))
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    q = torch.randn(1, 8, 2, 16)
+    assert sdpa_backend._try_ragged(sdpa_backend.OPS["cpu"], q)  # agrees with its own dense form ...
+    assert not sdpa_backend._available(sdpa_backend.OPS["cpu"], q, ragged=True)  # ... which is wrong
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    monkeypatch.setitem(sdpa_backend.OPS, "cpu", cpu)
+    assert sdpa_backend._available(sdpa_backend.OPS["cpu"], q, ragged=True)

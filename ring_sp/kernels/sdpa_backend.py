@@ -470,7 +470,8 @@ def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
     key = (op.name, q.device, q.dtype, q.shape[-1], ragged)
     if key not in _AVAILABLE:
         try:
-            works = _try_ragged(op, q) if ragged else _try(op, q)
+            # the ragged trial checks against the op's dense form, so that form must have passed its own first
+            works = (_available(op, q) and _try_ragged(op, q)) if ragged else _try(op, q)
             why = "it disagrees with float32 math"
         except Exception as error:  # noqa: BLE001 - an optional package that fails in any way is not used
             works, why = False, f"{type(error).__name__}: {error}"
