@@ -41,17 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-query-groups", type=int, default=None, help="K/V heads (GQA); default: one per head")
     g.add_argument("--seq-length", type=int, default=256, help="tokens per sequence, over the whole ring")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
-    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope")
+    g.add_argument("--position-embedding-type", choices=["rope", "learned_absolute"], default="rope",
+                   help="default rope (Megatron-LM's: learned_absolute)")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
     g.add_argument("--swiglu", action="store_true")
     g.add_argument("--disable-bias-linear", dest="add_bias_linear", action="store_false")
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--hidden-dropout", type=float, default=0.0, help="default 0 (Megatron-LM's: 0.1)")
+    g.add_argument("--attention-dropout", type=float, default=0.0,
+                   help="default 0 (Megatron-LM's: 0.1); ring attention takes 0 only")
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--tie-embeddings-and-output-weights", action="store_true",
                    help="the output layer is the word embedding (with pipeline parallelism a copy on the last stage, "
                         "kept equal to the first stage's). Default: an output layer of its own (Megatron-LM ties by "
                         "default and unties with --untie-embeddings-and-output-weights)")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
+                   help="Megatron-LM's flag for this job's default (an output layer of its own), taken so that "
+                        "Megatron-LM command lines run unchanged")
     g.add_argument("--vocab-size", type=int, default=None,
                    help="the tokenizer's vocabulary, needed with --data-path; with the recall task, the model's "
                         "vocabulary (default: the task's few tokens)")
@@ -172,6 +177,8 @@ def parse_and_check(argv: list[str]) -> tuple[argparse.Namespace, dict]:
                         ("--eval-iters", args.eval_iters), ("--log-interval", args.log_interval)):
         if value < 1:
             raise ValueError(f"{flag} {value}: use a positive integer")
+    if args.tie_embeddings_and_output_weights and args.untie_embeddings_and_output_weights:
+        raise ValueError("--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights: choose one")
     if args.data_path and not args.vocab_size:
         raise ValueError("--data-path needs --vocab-size (the vocabulary size of the tokenizer that made the data)")
     if args.save_interval is not None and args.save is None:

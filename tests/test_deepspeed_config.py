@@ -85,6 +85,16 @@ def test_command_line_fills_what_the_config_leaves_out(monkeypatch, tmp_path):
     assert config["gradient_accumulation_steps"] == 2 and "ring_attention" not in config
 
 
+def test_untie_embeddings_as_megatron_lm_takes_it(monkeypatch):
+    """Megatron-LM command lines carry --untie-embeddings-and-output-weights: it is this job's default (the model
+    builders read tie_embeddings_and_output_weights), and it contradicts --tie-embeddings-and-output-weights."""
+    args, _ = _check(monkeypatch, 1, ["--untie-embeddings-and-output-weights"])
+    assert args.tie_embeddings_and_output_weights is False
+    assert _check(monkeypatch, 1, ["--tie-embeddings-and-output-weights"])[0].tie_embeddings_and_output_weights
+    with pytest.raises(ValueError, match="choose one"):
+        _check(monkeypatch, 1, ["--tie-embeddings-and-output-weights", "--untie-embeddings-and-output-weights"])
+
+
 def test_recompute_flags_as_megatron_lm_takes_them(monkeypatch):
     args, _ = _check(monkeypatch, 1, [])  # auto: the job plans it once it knows its memory (launch/recompute.py)
     assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers) == ("auto", None, None)
