@@ -174,8 +174,12 @@ def check_first_step(model, context_parallel_size: int) -> str:
     agree(problems, ring_layers, True, "after the first training step")
     rope = any(isinstance(m, LayoutRotaryEmbedding) for _, m in _named(model))
     split = "megatron_patch's" if _seen["data_split"] else "not called on this rank"
-    plans = sorted({m.document_plan for _, m in _named(model) if getattr(m, "document_plan", None)})
-    documents = f"; packed documents: {', '.join(plans)} (ring_sp.document_plan)" if plans else ""
-    kernels = sorted({m.kernel for _, m in _named(model) if getattr(m, "kernel", None)})
-    kernel = f"; attention kernel: {', '.join(kernels)}" if kernels else ""
+    plans, kernels = _noted(model, "document_plan"), _noted(model, "kernel")
+    documents = f"; packed documents: {plans} (ring_sp.document_plan)" if plans else ""
+    kernel = f"; attention kernel: {kernels}" if kernels else ""
     return f"RoPE table: {'from LayoutRotaryEmbedding' if rope else 'none'}; data split: {split}{kernel}{documents}"
+
+
+def _noted(model, attribute: str) -> str:
+    """The distinct values the ring layers noted in ``attribute`` on their first call, sorted, comma-separated."""
+    return ", ".join(sorted({getattr(m, attribute) for _, m in _named(model) if getattr(m, attribute, None)}))
