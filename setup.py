@@ -13,7 +13,7 @@ setup(
         "triton": ["triton>=3.0"],
         "megatron": ["megatron-core>=0.13"],
         "deepspeed": ["deepspeed>=0.14"],
-        # --fused-kernels liger: Triton RMSNorm, SwiGLU, fused linear cross-entropy (needs torch >= 2.1.2, triton)
+        # --fused-kernels liger: Triton RMSNorm, SwiGLU, RoPE, fused linear cross-entropy (needs torch >= 2.1.2, triton)
         "liger": ["liger-kernel>=0.8.5"],
         # FlashAttention-4 (CuTe DSL, Hopper/Blackwell): the sdpa backend's first op for dense blocks where it loads
         "fa4": ["flash-attn-4>=4.0.0b40"],

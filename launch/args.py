@@ -84,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "instead of the GPU's free memory; on CPU, what makes auto plan at all")
     g = p.add_argument_group("fused kernels")
     g.add_argument("--fused-kernels", choices=list(FUSED_KERNELS), default="auto",
-                   help="liger: liger-kernel's Triton RMSNorm, SwiGLU and fused linear cross-entropy in the GPT "
+                   help="liger: liger-kernel's Triton RMSNorm, SwiGLU, RoPE and fused linear cross-entropy in the GPT "
                         "layers (pip install liger-kernel; CUDA only); none: Megatron's own modules; auto "
                         "(default): liger when it is installed and the job runs on GPUs, else none")
     g = p.add_argument_group("parallelism (Megatron's flags)")

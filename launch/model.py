@@ -127,10 +127,12 @@ def fused_kernels(args, model) -> list[str]:
     """The liger kernels ``model`` (a GPTModel or a pipeline stage's module) runs; empty with --fused-kernels none."""
     if args.fused_kernels != "liger":
         return []
-    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP
+    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP, rope_marked
 
     modules = list(model.modules())
     return [name for name, there in (
         ("RMSNorm", any(type(m).__name__ == "LigerMegatronRMSNorm" for m in modules)),
         ("SwiGLU", any(isinstance(m, LigerSwiGLUMLP) for m in modules)),
+        ("RoPE", args.position_embedding_type == "rope"
+         and any(rope_marked(m.config) for m in modules if type(m).__name__ == "SelfAttention")),
         ("fused linear cross-entropy", isinstance(model, LigerLossGPTModel))) if there]

@@ -1,6 +1,6 @@
 """Which fused kernels the GPT layers use: ``--fused-kernels {auto,liger,none}`` (no Megatron import here).
 
-``liger``: liger-kernel's Triton kernels (``megatron_patch.liger``: RMSNorm, SwiGLU, fused linear
+``liger``: liger-kernel's Triton kernels (``megatron_patch.liger``: RMSNorm, SwiGLU, RoPE, fused linear
 cross-entropy); they run on CUDA only. ``none``: Megatron-core's own modules. ``auto``: liger when it
 is installed and the job runs on GPUs, else none.
 """

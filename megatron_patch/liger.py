@@ -7,10 +7,12 @@
 - :meth:`LigerLossGPTModel.convert`: the training loss (``labels`` given) through liger's fused linear
   cross-entropy, which never holds the whole (tokens × vocab) logits; tensor parallel 1 only (the output
   layer's weight must be whole on the rank).
-- RoPE stays Megatron's, on the per-layout table of ``LayoutRotaryEmbedding``: Megatron-core applies it
-  through a module-level function, once for q and once for k, which no layer spec can swap (its only
-  fused switch, ``apply_rope_fusion``, is Transformer Engine's), and liger's RoPE kernel rotates q and k
-  together. It is a few elementwise passes per layer, under 1% of a long-context step.
+- RoPE through liger's Triton kernel (:class:`LigerRoPE`: one pass forward, one copy and one pass backward,
+  where Megatron's own path makes about six elementwise passes each way and rounds to bf16 four times).
+  Megatron-core applies RoPE through the module-level ``apply_rotary_pos_emb`` of
+  ``megatron.core.transformer.attention``, once for q and once for k, which no layer spec can swap:
+  ``with_liger_kernels`` marks the config and wraps that name (:func:`install_rope`); calls with a marked
+  config go to the kernel, every other call to the function it wrapped.
 
 The final norm of the block stays Megatron's (one norm per model).
 """
@@ -18,6 +20,10 @@ The final norm of the block stays Megatron's (one norm per model).
 from __future__ import annotations
 
 import copy
+import functools
+import importlib
+import inspect
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +31,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.mlp import MLP
 from torch import Tensor
 
-KERNELS = ("rms_norm", "swiglu", "cross_entropy")
+KERNELS = ("rms_norm", "swiglu", "rope", "cross_entropy")
+ATTENTION = "megatron.core.transformer.attention"  # where Megatron-core's layers look up apply_rotary_pos_emb
 
 
 def _ops():
@@ -61,7 +68,8 @@ def swiglu_applies(config) -> bool:
 
 
 def with_liger_kernels(spec, config) -> tuple[object, list[str]]:
-    """A copy of GPT layer ``spec`` with liger's RMSNorm and SwiGLU where ``config`` allows; (spec, swapped)."""
+    """A copy of GPT layer ``spec`` with liger's RMSNorm and SwiGLU where ``config`` allows; (spec, swapped).
+    Also marks ``config`` for liger's RoPE where it applies (:func:`use_liger_rope`)."""
     from liger_kernel.megatron import LigerMegatronRMSNorm
 
     spec = copy.deepcopy(spec)
@@ -74,7 +82,125 @@ def with_liger_kernels(spec, config) -> tuple[object, list[str]]:
     if swiglu_applies(config) and getattr(sub.mlp, "module", None) is MLP:
         sub.mlp.module = LigerSwiGLUMLP
         swapped.append("swiglu")
+    if rope_applies(config):
+        use_liger_rope(config)
+        swapped.append("rope")
     return spec, swapped
+
+
+def rope_applies(config) -> bool:
+    """Whether ``config``'s rotation is what :class:`LigerRoPE` computes (halves rotated, not interleaved pairs)."""
+    return not config.rotary_interleaved and not config.multi_latent_attention
+
+
+def use_liger_rope(config) -> None:
+    """Rotate q and k of every layer built with ``config`` by liger's kernel (marks ``config``)."""
+    if not rope_applies(config):
+        raise ValueError("liger's RoPE rotates halves of each head: rotary_interleaved and multi-latent attention "
+                         "keep Megatron's RoPE")
+    config.liger_rope = True
+    install_rope()
+
+
+def rope_marked(config) -> bool:
+    """Whether ``config``'s RoPE runs through liger's kernel (``with_liger_kernels`` marked it)."""
+    return getattr(config, "liger_rope", False)
+
+
+_TABLE: list = [None]  # (weakref to the last freqs table, its version, mscale, cos, sin): one table a step
+
+
+def cos_sin(freqs: Tensor, mscale: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of Megatron's table ``freqs`` [s, 1, 1, d] times ``mscale``: float32 [s, d] each, computed
+    once for every layer that rotates by the same table (Megatron's own path computes them in every call)."""
+    last = _TABLE[0]
+    if last is not None and last[0]() is freqs and last[1] == freqs._version and last[2] == mscale:
+        return last[3], last[4]
+    angles = freqs.reshape(freqs.shape[0], freqs.shape[-1]).float()
+    cos, sin = torch.cos(angles) * mscale, torch.sin(angles) * mscale
+    _TABLE[0] = (weakref.ref(freqs), freqs._version, mscale, cos, sin)
+    return cos, sin
+
+
+class LigerRoPE(torch.autograd.Function):
+    """``t`` [s, b, h, d] rotated as Megatron's ``_apply_rotary_pos_emb_bshd`` rotates it (halves, full head),
+    by float32 ``cos`` and ``sin`` [s, d], through liger's kernel (float32 arithmetic, one rounding).
+
+    The kernel rotates in place: ``t`` itself when it is a contiguous tensor of its own (marked dirty for
+    autograd), else a contiguous copy. It takes q and k together, as [1, b·h, s, d] and a one-head scratch k
+    (what Megatron passes is one of them at a time). Backward rotates a copy of the gradient back."""
+
+    @staticmethod
+    def forward(ctx, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        own = t.is_contiguous() and t._base is None
+        x = t if own else t.clone(memory_format=torch.contiguous_format)
+        _rotate(x, cos, sin, backward=False)
+        if own:
+            ctx.mark_dirty(t)
+        ctx.save_for_backward(cos, sin)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        cos, sin = ctx.saved_tensors
+        g = grad.clone(memory_format=torch.contiguous_format)  # the incoming gradient may be read elsewhere
+        _rotate(g, cos, sin, backward=True)
+        return g, None, None
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor, backward: bool) -> None:
+    """Rotate contiguous ``x`` [s, b, h, d] in place (by -angle when ``backward``)."""
+    from liger_kernel.ops.rope import rope_backward, rope_forward
+
+    s, b, h, d = x.shape
+    q = x.view(1, s, b * h, d).transpose(1, 2)  # liger's [batch, heads, seq, dim] view of the same memory
+    k = x.new_empty(1, s, 1, d).transpose(1, 2)
+    (rope_backward if backward else rope_forward)(q, k, cos, sin)
+
+
+def _rope_call(original):
+    """``apply_rotary_pos_emb`` that sends calls with a marked config to :class:`LigerRoPE`."""
+
+    @functools.wraps(original)
+    def apply_rotary_pos_emb(*args, **kwargs):
+        config = kwargs.get("config", args[2] if len(args) > 2 else None)
+        if config is None or not rope_marked(config):
+            return original(*args, **kwargs)
+        bound = _signature(original).bind(*args, **kwargs)
+        bound.apply_defaults()
+        given = bound.arguments
+        if given.get("cu_seqlens") is not None:  # THD packed: Megatron's per-document path (or packed_rope's)
+            return original(*args, **kwargs)
+        t, freqs = given["t"], given["freqs"]
+        if t.dim() != 4 or tuple(freqs.shape) != (t.shape[0], 1, 1, t.shape[-1]):
+            raise ValueError(f"liger's RoPE rotates t [seq, batch, heads, dim] by a table [seq, 1, 1, dim] of the "
+                             f"whole head; got t {tuple(t.shape)} and freqs {tuple(freqs.shape)} (partial or "
+                             "per-sample rotary tables): use --fused-kernels none")
+        _ROPE_CALLS[0] += 1
+        return LigerRoPE.apply(t, *cos_sin(freqs, float(given.get("mscale", 1.0))))
+
+    apply_rotary_pos_emb._liger_rope = True
+    return apply_rotary_pos_emb
+
+
+_ROPE_CALLS = [0]  # calls that went through LigerRoPE, for checks that it ran
+
+
+@functools.cache
+def _signature(function) -> inspect.Signature:
+    return inspect.signature(function)
+
+
+def install_rope() -> None:
+    """Wrap ``apply_rotary_pos_emb`` of ``megatron.core.transformer.attention`` with :func:`_rope_call` (once)."""
+    attention = importlib.import_module(ATTENTION)
+    if not getattr(attention.apply_rotary_pos_emb, "_liger_rope", False):  # functools.wraps passes it outwards
+        attention.apply_rotary_pos_emb = _rope_call(attention.apply_rotary_pos_emb)
+
+
+def rope_calls() -> int:
+    """How many rotations liger's RoPE kernel has made in this process."""
+    return _ROPE_CALLS[0]
 
 
 def fused_loss_applies(model: GPTModel) -> bool:

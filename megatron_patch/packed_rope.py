@@ -9,7 +9,8 @@ boundaries on the host in every layer. A ring's THD batch is split by ``megatron
 ``install()`` replaces that name with one that, for the config of a model whose core attention is a ring
 over more than one rank (``register``), takes the table row of each local token's in-document position
 (``ring_sp.document_positions`` under the ring's layout: computed, checked and agreed on by the ring's
-ranks once per batch) and rotates [t, heads, dim] as Megatron rotates [seq, batch, heads, dim]. Every
+ranks once per batch) and rotates [t, heads, dim] as [seq, batch 1, heads, dim], through the name it
+replaced (so through liger's RoPE where that wraps it too, in either order). Every
 other call (no ``cu_seqlens``, another model, context parallelism 1) is Megatron's own.
 """
 
@@ -103,7 +104,8 @@ def wrap(original):
         t = given["t"]  # [t, heads, dim]
         given["freqs"] = local_table(given["freqs"], cu_seqlens, t.shape[0], *ring)
         given["t"], given["cu_seqlens"] = t.unsqueeze(1), None  # as [seq, batch 1, heads, dim]
-        return original(*bound.args, **bound.kwargs).squeeze(1)
+        # through the name Megatron's layers call, whatever wraps it now (liger's RoPE: megatron_patch.liger)
+        return importlib.import_module(ATTENTION).apply_rotary_pos_emb(*bound.args, **bound.kwargs).squeeze(1)
 
     return apply_rotary_pos_emb
 

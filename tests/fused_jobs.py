@@ -1,4 +1,4 @@
-"""Jobs for the gloo pool: a GPT with liger-kernel's SwiGLU and fused linear cross-entropy against the same
+"""Jobs for the gloo pool: a GPT with liger-kernel's SwiGLU, RoPE and fused linear cross-entropy against the same
 GPT with Megatron's modules (on CPU the Triton kernels run in Triton's interpreter)."""
 
 from __future__ import annotations
@@ -31,27 +31,31 @@ def liger_matches_plain(normalization: str = "LayerNorm", device: str = "cpu", d
     """Plain and liger models from one seed, one forward + backward on the same tokens: which liger modules
     ran, the largest per-token loss difference and, per parameter, the largest gradient difference relative
     to the gradient's largest entry."""
-    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP, with_liger_kernels
+    from megatron_patch.liger import LigerLossGPTModel, LigerSwiGLUMLP, rope_calls, with_liger_kernels
 
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, VOCAB, (2, SEQ), generator=g).to(device)
     labels = torch.roll(tokens, -1, 1)
     with megatron_parallel(1, 1):
-        config = _config(normalization, dtype)
         spec = get_gpt_layer_ring_spec(RingOptions(), normalization=normalization)
         models = []
         for liger in (False, True):
             torch.manual_seed(0)
+            config = _config(normalization, dtype)  # one each: with_liger_kernels marks its config's RoPE
             layer = with_liger_kernels(spec, config)[0] if liger else spec
             model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, options=RingOptions(),
-                                   transformer_layer_spec=layer).to(device=device, dtype=dtype)
+                                   transformer_layer_spec=layer, position_embedding_type="rope"
+                                   ).to(device=device, dtype=dtype)
             if liger:
                 LigerLossGPTModel.convert(model)
             models.append(model)
-        (plain_loss, plain_grads), (loss, grads) = (_step(m, tokens, labels) for m in models)
+        plain_loss, plain_grads = _step(models[0], tokens, labels)
+        calls = rope_calls()
+        loss, grads = _step(models[1], tokens, labels)
         liger = models[1]
         ran = sorted({type(m).__name__ for m in liger.modules() if "Liger" in type(m).__name__})
-        return {"modules": ran, "loss_dtype": str(loss.dtype), "loss_shape": tuple(loss.shape),
+        return {"modules": ran, "rope_calls": rope_calls() - calls, "loss_dtype": str(loss.dtype),
+                "loss_shape": tuple(loss.shape),
                 "loss": (loss.float() - plain_loss.float()).abs().max().item(),
                 "grads": {k: ((grads[k].float() - v.float()).abs().max() / v.float().abs().max()).item()
                           for k, v in plain_grads.items()},

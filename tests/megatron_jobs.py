@@ -268,6 +268,11 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
     options = RingOptions(layout=case["layout"], max_lookback=case.get("lookback"))
     config = make_config(tp, cp, heads=case["heads"], groups=case.get("groups"), window=case.get("window"),
                          std=case.get("std", 0.02), skip_freq=case.get("skip_freq"))
+    if case.get("liger_rope"):
+        from megatron_patch.liger import rope_calls, use_liger_rope
+
+        use_liger_rope(config)
+        calls = rope_calls()
     model = _ring_model(case, config, options)
     kinds = {type(m).__name__ for m in model.modules()}
     assert "RingCoreAttention" in kinds and "DenseCoreAttention" not in kinds, kinds
@@ -307,6 +312,8 @@ def run_ring(case: dict, reference: dict, tp: int, cp: int) -> dict:
                 expected = _reference_slice(p, reference["grads"][name])
                 grad_errors[name] = ((p.grad - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
         optimizer.step()
+    if case.get("liger_rope"):
+        assert rope_calls() - calls == 2 * 2 * len(batches), rope_calls() - calls  # q and k, two layers, every step
     return {"loss_errors": loss_errors, "grad_errors": grad_errors, "losses": reference["losses"]}
 
 

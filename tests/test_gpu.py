@@ -172,7 +172,7 @@ def test_cudnn_ragged_op_takes_document_blocks(dtype):
 
 
 def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):
-    """liger's RMSNorm, SwiGLU and fused linear cross-entropy (--fused-kernels liger) against Megatron's own
+    """liger's RMSNorm, SwiGLU, RoPE and fused linear cross-entropy (--fused-kernels liger) against Megatron's own
     modules on the same weights and tokens: float32 tight, bfloat16 within its rounding."""
     pytest.importorskip("liger_kernel")
     pytest.importorskip("megatron.core")

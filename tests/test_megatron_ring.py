@@ -46,6 +46,7 @@ def test_ring_2_every_layout(dist_pool):
     cases = [_case(layout, groups=2, window=(4, 0)) for layout in LAYOUTS]
     cases += [_case(layout, "learned_absolute", lookback=5) for layout in LAYOUTS]
     cases += [_case("zigzag", mask=True), _case("contiguous", "learned_absolute", groups=1, mask=True)]
+    cases += [_case("striped", groups=2, liger_rope=True)]  # liger's RoPE kernel (Triton's interpreter on CPU)
     _check(dist_pool(2).run(megatron_jobs.compare_with_reference, 1, 2, cases, timeout=600), cases)
 
 
@@ -54,6 +55,7 @@ def test_ring_4_every_layout(dist_pool):
     second layer full attention, Megatron's window_attn_skip_freq)."""
     cases = [_case(layout, groups=1, window=(6, 0), skip_freq=2, seq=32, micro=1) for layout in LAYOUTS]
     cases += [_case("striped", "learned_absolute", seq=32, micro=1, mask=True)]
+    cases += [_case("zigzag", groups=1, seq=32, micro=1, liger_rope=True)]  # MQA: q is a view, rotated in a copy
     _check(dist_pool(4).run(megatron_jobs.compare_with_reference, 1, 4, cases, timeout=600), cases)
 
 
@@ -158,6 +160,7 @@ def test_thd_ring_2_every_layout(dist_pool):
     positions (position ids restart per document)."""
     cases = [_thd(layout) for layout in LAYOUTS]
     cases += [_thd("striped", padded=True), _thd("zigzag", "learned_absolute", thd=4)]
+    cases += [_thd("contiguous", liger_rope=True)]  # packed_rope's table through liger's RoPE kernel
     _ragged(cases, 2)
     _check(dist_pool(4).run(megatron_jobs.compare_with_reference, 1, 2, cases, timeout=600), cases)
 
