@@ -87,16 +87,17 @@ def test_liger_rope_matches_float64_forward_and_backward(dtype, own):
     pytest.importorskip("liger_kernel")
     from megatron_patch.liger import LigerRoPE, cos_sin
 
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernel runs in Triton's interpreter
     s, b, h, d = 12, 2, 3, 16
     g = torch.Generator().manual_seed(0)
-    freqs = torch.randn(s, 1, 1, d // 2, generator=g).repeat(1, 1, 1, 2) * 3  # Megatron's cat((f, f)) table
-    qkv = torch.randn(s, b, h, 3 * d, generator=g).to(dtype).requires_grad_(True)
+    freqs = (torch.randn(s, 1, 1, d // 2, generator=g).repeat(1, 1, 1, 2) * 3).to(device)  # Megatron's cat((f, f))
+    qkv = torch.randn(s, b, h, 3 * d, generator=g).to(device, dtype).requires_grad_(True)
     before = qkv.detach().clone()
     t = qkv[..., d: 2 * d] * 1 if own else qkv[..., d: 2 * d]  # a tensor of its own, or a view of qkv
     assert (t._base is None) == own
     out = LigerRoPE.apply(t, *cos_sin(freqs, 1.0))
     assert (out.data_ptr() == t.data_ptr()) == own
-    weight = torch.randn(s, b, h, d, generator=g)
+    weight = torch.randn(s, b, h, d, generator=g).to(device)
     (out.float() * weight).sum().backward()
     tol = 1e-6 if dtype == torch.float32 else 8e-3  # bf16: one rounding (Megatron's own path rounds four times)
     want = _rotate64(before[..., d: 2 * d], freqs)

@@ -181,6 +181,7 @@ def test_liger_kernels_match_megatrons_modules_on_gpu(dist_pool):
     for dtype, bound in ((torch.float32, 1e-4), (torch.bfloat16, 5e-2)):
         (result,) = dist_pool(1).run(fused_jobs.liger_matches_plain, "RMSNorm", "cuda", dtype, timeout=600)
         assert result["modules"] == ["LigerLossGPTModel", "LigerMegatronRMSNorm", "LigerSwiGLUMLP"], result
+        assert result["rope_calls"] == 2 * 2, result  # q and k of both layers through liger's RoPE
         assert result["loss"] < bound * 10, (dtype, result["loss"])  # a loss of about 4.2
         assert max(result["grads"].values()) < bound, (dtype, result["grads"])
 
