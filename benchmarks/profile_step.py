@@ -15,6 +15,9 @@ trace, with ``--trace``):
   the share of the step the GPU has work (1.0 = the host never makes it wait);
 - device-to-host copies and host synchronisations the step made (each one stalls the host until the GPU
   drains its queue);
+- the GPU's idle time in the step split by what the host was doing meanwhile: by phase (DeepSpeed's forward,
+  backward, optimizer step, the rest of ``train_step``; ranges this script names, the job is unchanged) and by
+  the innermost host operator running (time the GPU waited for the host to launch its next kernel);
 - the top kernels by GPU time (on CPU: the top operators by CPU time, and no GPU numbers).
 """
 
@@ -30,6 +33,7 @@ sys.path.insert(0, ROOT)
 from benchmarks.common import command_line, env_line, environment, table, write_results  # noqa: E402
 
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+STEP = "step: other (batch, loss read, logging)"  # the profiled step's range; its phases are named "step: ..."
 
 
 def busy_us(intervals: list[tuple[float, float]]) -> float:
@@ -41,6 +45,67 @@ def busy_us(intervals: list[tuple[float, float]]) -> float:
         total += end - max(start, reach)
         reach = end
     return total
+
+
+def idle_gaps(busy: list[tuple[float, float]], start: float, end: float) -> list[tuple[float, float]]:
+    """The intervals of [start, end] that no interval of ``busy`` covers (when the GPU ran nothing)."""
+    gaps, reach = [], start
+    for s, e in sorted(busy):
+        if s > reach:
+            gaps.append((reach, min(s, end)))
+        reach = max(reach, e)
+        if reach >= end:
+            break
+    if reach < end:
+        gaps.append((reach, end))
+    return [(s, e) for s, e in gaps if e > s]
+
+
+def idle_by_host(gaps: list[tuple[float, float]], host: list[tuple[str, float, float, int]]) -> dict[str, float]:
+    """Split the GPU's idle ``gaps`` by what the host was running: each moment of a gap goes to the deepest
+    host operator (``(name, start, end, depth)``, any thread) running then, or to "(no operator)". µs by name."""
+    totals: dict[str, float] = {}
+    host = sorted(host, key=lambda h: h[1])
+    starts = [h[1] for h in host]
+    import bisect
+
+    for g0, g1 in gaps:
+        cover = [h for h in host[:bisect.bisect_left(starts, g1)] if h[2] > g0]
+        cuts = sorted({g0, g1, *(t for h in cover for t in (h[1], h[2]) if g0 < t < g1)})
+        for a, b in zip(cuts, cuts[1:]):
+            mid = (a + b) / 2
+            running = [h for h in cover if h[1] <= mid < h[2]]
+            name = max(running, key=lambda h: (h[3], h[1]))[0] if running else "(no operator)"
+            totals[name] = totals.get(name, 0.0) + (b - a)
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def host_events(prof) -> list[tuple[str, float, float, int]]:
+    """(name, start µs, end µs, depth) of every host operator the profiler recorded (depth 0: outermost)."""
+    out = []
+    for event in prof.events():
+        if event.device_type.name != "CPU" or event.name in SYNCS:
+            continue
+        depth, parent = 0, event.cpu_parent
+        while parent is not None:
+            depth, parent = depth + 1, parent.cpu_parent
+        out.append((event.name, event.time_range.start, event.time_range.end, depth))
+    return out
+
+
+def labelled_phases(engine) -> None:
+    """Name the phases of a DeepSpeed step in the profile (forward, backward, optimizer step) by wrapping the
+    ``engine``'s methods in ``record_function`` ranges (this process only: the job itself is unchanged)."""
+    from torch.profiler import record_function
+
+    for method, label in (("forward", "step: forward"), ("backward", "step: backward"), ("step", "step: optimizer")):
+        inner = getattr(engine, method)
+
+        def labelled(*args, _inner=inner, _label=label, **kwargs):
+            with record_function(_label):
+                return _inner(*args, **kwargs)
+
+        setattr(engine, method, labelled)
 
 
 def device_events(prof) -> list[tuple[str, float, float]]:
@@ -70,12 +135,22 @@ def sync_callers(prof) -> dict[str, int]:
     return dict(seen.most_common())
 
 
-def summarize(prof, wall_ms: float, gpu: bool, top: int) -> dict:
-    """The numbers of the docstring from a finished profile."""
+def summarize(prof, wall_ms: float, gpu: bool, top: int, window: tuple[float, float] | None = None) -> dict:
+    """The numbers of the docstring from a finished profile; ``window``: the step's (start, end) in the
+    profiler's µs (default: from the first to the last event)."""
     averages = prof.key_averages()
     if gpu:
         events = device_events(prof)
         busy = busy_us([(s, e) for _, s, e in events]) / 1e3
+        host = host_events(prof)
+        if window is None:
+            window = (min(h[1] for h in host), max(h[2] for h in host))
+        gaps = idle_gaps([(s, e) for _, s, e in events], *window)
+        phases = [h for h in host if h[0].startswith("step: ")]
+        idle = {"ms": sum(e - s for s, e in gaps) / 1e3, "gaps": len(gaps),
+                "by_phase_ms": {k: v / 1e3 for k, v in idle_by_host(gaps, [(n, s, e, 0) for n, s, e, _ in phases]
+                                                                      ).items()},
+                "by_operator_ms": {k: v / 1e3 for k, v in list(idle_by_host(gaps, host).items())[:top]}}
         kernels = sorted(averages, key=lambda a: -a.self_device_time_total)
         rows = [{"name": a.key, "calls": a.count, "ms": a.self_device_time_total / 1e3,
                  "share": a.self_device_time_total / 1e3 / busy if busy else 0.0}
@@ -84,7 +159,7 @@ def summarize(prof, wall_ms: float, gpu: bool, top: int) -> dict:
         syncs = sum(a.count for a in averages if a.key in SYNCS)
         return {"wall_ms": wall_ms, "gpu_busy_ms": busy, "gpu_busy_share": busy / wall_ms, "kernels": len(events),
                 "device_to_host_copies": to_host, "host_syncs": syncs, "syncs_by_caller": sync_callers(prof),
-                "top": rows}
+                "gpu_idle": idle, "top": rows}
     ops = sorted(averages, key=lambda a: -a.self_cpu_time_total)
     rows = [{"name": a.key, "calls": a.count, "ms": a.self_cpu_time_total / 1e3,
              "share": a.self_cpu_time_total / 1e3 / wall_ms} for a in ops[:top]]
@@ -137,8 +212,15 @@ def report(summary: dict, env: dict, job_argv: list[str], recompute_line: str, f
                   f"time ({summary['kernels']} kernels and copies); device-to-host copies in the step: "
                   f"{summary['device_to_host_copies']}, host synchronisations: {summary['host_syncs']}.", "",
                   "Host synchronisations by enclosing operators:", "",
-                  *(f"- {n} x {chain}" for chain, n in summary["syncs_by_caller"].items()), "",
-                  "Top kernels by GPU time:", ""]
+                  *(f"- {n} x {chain}" for chain, n in summary["syncs_by_caller"].items()), ""]
+        idle = summary["gpu_idle"]
+        lines += [f"GPU idle in the step: {idle['ms']:.1f} ms in {idle['gaps']} gaps. By the phase the host was in "
+                  "(DeepSpeed's forward, backward and optimizer step):", "",
+                  *(f"- {name.removeprefix('step: ')}: {ms:.2f} ms" for name, ms in idle["by_phase_ms"].items()), "",
+                  "By the innermost host operator running while the GPU had nothing to run:", "",
+                  *table(["host operator", "GPU idle ms"],
+                         [[n[:90].replace("|", "/"), f"{ms:.2f}"] for n, ms in idle["by_operator_ms"].items()]),
+                  "", "Top kernels by GPU time:", ""]
         header = ["kernel", "calls", "GPU ms", "share of GPU busy"]
     else:
         lines += ["No GPU: the top operators by CPU time.", ""]
@@ -163,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
     import torch.distributed as dist
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity, profile, record_function
 
     from launch import quiet
     from launch.args import parse_and_check
@@ -180,14 +262,17 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(opts.warmup):
         job.train_step(i)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    labelled_phases(job.engine)
     sync()
     with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        job.train_step(opts.warmup)
-        sync()
-        wall_ms = (time.perf_counter() - start) * 1e3
+        with record_function(STEP):
+            start = time.perf_counter()
+            job.train_step(opts.warmup)
+            sync()
+            wall_ms = (time.perf_counter() - start) * 1e3
     if rank == 0:
-        summary = summarize(prof, wall_ms, gpu, opts.top)
+        whole = next(e for e in prof.events() if e.name == STEP)
+        summary = summarize(prof, wall_ms, gpu, opts.top, (whole.time_range.start, whole.time_range.end))
         env = environment()
         markdown = report(summary, env, job_argv, job.recompute_line, job.fused)
         write_results(opts.out, markdown, {"environment": env, "command": command_line(), "job_argv": job_argv,
