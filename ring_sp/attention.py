@@ -4,7 +4,8 @@ Forward: at each step of the schedule a position receives, straight from their o
 columns it needs (the next step's transfer is posted before the current step's blocks are
 computed) and folds every block into its queries' float32 state. Backward runs the schedule
 again: dq accumulates locally in float32; each step's dK/dV (float32) go straight back to the
-owner of the K/V, which adds them up. Nothing is all-gathered, no autograd runs through
+owner of the K/V, which adds them up. delta = rowsum(do · out) is made only for backends that read it
+(torch, triton; the fused ops of sdpa and flash_attn make their own). Nothing is all-gathered, no autograd runs through
 communication.
 """
 
@@ -301,7 +302,7 @@ def _ring_backward(call: _Call, dos, qs, kvs: list[KV], outs, lses):
     opts, schedule, ring = call.opts, call.schedule, call.ring
     scale = _scale(opts, qs[0].shape[-1])
     acc = state_dtype(qs[0].dtype)
-    deltas = [_row_dot(do, out, acc) for do, out in zip(dos, outs)]
+    deltas: list[Tensor | None] = [None] * len(qs)  # rowsum(do · out), made for the first backend that reads it
     dqs = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in qs]
     dks = [torch.zeros(kv.k.shape, dtype=acc, device=kv.k.device) for kv in kvs]
     dvs = [torch.zeros(kv.v.shape, dtype=acc, device=kv.v.device) for kv in kvs]
@@ -332,8 +333,11 @@ def _ring_backward(call: _Call, dos, qs, kvs: list[KV], outs, lses):
             for _, _, rows, kcols, vis in call.blocks(step, i, items[i]):
                 q_, k_, v_ = qs[i][:, rows], items[i].k[:, kcols], items[i].v[:, kcols]
                 backend = kernels.choose(opts.backend, q_, k_, vis, opts.bucket_size)
-                backend.backward(dos[i][:, rows], q_, k_, v_, outs[i][:, rows], lses[i][:, :, rows],
-                                 deltas[i][:, :, rows], dqs[i][:, rows], dk[:, kcols], dv[:, kcols], vis, scale)
+                if deltas[i] is None and getattr(backend, "uses_delta", True):
+                    deltas[i] = _row_dot(dos[i], outs[i], acc)
+                delta = None if deltas[i] is None else deltas[i][:, :, rows]
+                backend.backward(dos[i][:, rows], q_, k_, v_, outs[i][:, rows], lses[i][:, :, rows], delta,
+                                 dqs[i][:, rows], dk[:, kcols], dv[:, kcols], vis, scale)
             grads.append(None if offset == 0 else Grads(dk, dv))
         if returning is not None:
             collect(*returning)

@@ -19,3 +19,23 @@ def test_simulated_ring_matches_reference(world, layout, backend):
         if case.layout == layout:
             failures += check_simulated(case, world, backend=backend)
     assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("backend,made", [("sdpa", 0), ("torch", 2)])
+def test_backward_computes_delta_only_for_backends_that_read_it(monkeypatch, backend, made):
+    """rowsum(do · out) is a float32 pass over do and out per position: the fused ops (sdpa, flash_attn) make their
+    own, so the ring makes it only for torch / triton (once per position, not per block)."""
+    import torch
+
+    import ring_sp.attention as attention
+    from ring_sp import ring_attention_simulated
+
+    calls = []
+    original = attention._row_dot
+    monkeypatch.setattr(attention, "_row_dot", lambda *a, **k: calls.append(1) or original(*a, **k))
+    g = torch.Generator().manual_seed(0)
+    qs, ks, vs = ([torch.randn(1, 8, heads, 16, generator=g, requires_grad=True) for _ in range(2)]
+                  for heads in (4, 2, 2))
+    outs = ring_attention_simulated(qs, ks, vs, causal=True, backend=backend)
+    sum((o * o).sum() for o in outs).backward()
+    assert len(calls) == made and all(q.grad is not None and q.grad.abs().sum() > 0 for q in qs)

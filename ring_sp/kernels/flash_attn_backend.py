@@ -34,6 +34,7 @@ log = logging.getLogger("ring_sp")
 class FlashAttnBackend:
     name = "flash_attn"
     auto_devices = ("cuda",)
+    uses_delta = False  # flash-attention's backward computes rowsum(do · out) itself
 
     def __init__(self, bucket_size: int | None = None):
         from flash_attn import flash_attn_func
@@ -75,7 +76,7 @@ class FlashAttnBackend:
         o, lse = self._attend(q[:, row0:], k[:, :n_keys], v[:, :n_keys], causal, window, scale)
         fold(state, row0, o, lse.float(), fresh=fresh, out=out)
 
-    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
+    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor | None,
                  dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         row0, n_keys, causal, window = self._call_shape(visibility.band, q.shape[1], k.shape[1])
         q_, k_, v_ = q[:, row0:].contiguous(), k[:, :n_keys].contiguous(), v[:, :n_keys].contiguous()

@@ -7,6 +7,8 @@ A backend computes one block of attention with no distribution:
   block's gradients to the float32 accumulators dq, dk, dv in place, given the *final* output
   ``out`` and log-sum-exp ``lse`` of the query rows and delta = rowsum(do · out).
 - ``unsupported(q, k, visibility)`` says why it cannot compute such a block (None: it can).
+- ``uses_delta`` (optional, default True): its backward reads ``delta``. The ring computes delta (one pass
+  over do and out in float32) only for backends that read it and passes None to the others.
 - ``takes_document_runs`` (optional, default False): it computes a block of several documents from the
   documents' runs (rows and columns of each), so the schedule should keep such blocks whole
   (``schedule.WHOLE``) rather than cut them for a kernel that masks by document ids.
@@ -54,7 +56,7 @@ class Backend(Protocol):
         v: Tensor,
         out: Tensor,
         lse: Tensor,
-        delta: Tensor,
+        delta: Tensor | None,
         dq: Tensor,
         dk: Tensor,
         dv: Tensor,

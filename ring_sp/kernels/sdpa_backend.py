@@ -333,6 +333,7 @@ class SdpaBackend:
 
     auto_devices = ("cuda", "cpu")
     takes_document_runs = True  # blocks of several documents need their runs (document_grid=WHOLE)
+    uses_delta = False  # the fused ops compute rowsum(do · out) themselves
 
     def __init__(self, op: str | None = None):
         self.op_name = op
@@ -412,7 +413,7 @@ class SdpaBackend:
         accumulate(dk, dk_.view(k.shape))
         accumulate(dv, dv_.view(v.shape))
 
-    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor,
+    def backward(self, do: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, delta: Tensor | None,
                  dq: Tensor, dk: Tensor, dv: Tensor, visibility: Visibility, scale: float) -> None:
         if visibility.documents is not None:
             return self._ragged_backward(do, q, k, v, out, lse, dq, dk, dv, visibility, scale)
