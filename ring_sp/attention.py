@@ -5,7 +5,8 @@ columns it needs (the next step's transfer is posted before the current step's b
 computed) and folds every block into its queries' float32 state. Backward runs the schedule
 again: dq accumulates locally in float32; each step's dK/dV (float32) go straight back to the
 owner of the K/V, which adds them up. delta = rowsum(do · out) is made only for backends that read it
-(torch, triton; the fused ops of sdpa and flash_attn make their own). Nothing is all-gathered, no autograd runs through
+(torch, triton; the fused ops of sdpa and flash_attn make their own). In a ring of one with such an op the
+gradients stay in the inputs' dtype (one block, one exact add: ``_sole_block``). Nothing is all-gathered, no autograd runs through
 communication.
 """
 
@@ -298,14 +299,32 @@ def _row_dot(do: Tensor, out: Tensor, dtype: torch.dtype, rows: int = 2048) -> T
     return torch.cat(parts, 1).transpose(1, 2)
 
 
+def _sole_block(call: _Call, i: int, q: Tensor, kv: KV) -> bool:
+    """Whether all of played position i's gradients come from one block over all its rows and its own K/V (a
+    ring of one, no documents cut into blocks), computed by a backend that adds to each gradient element once
+    (``adds_once``). Its dq, dk, dv are then kept in the inputs' dtype, which is exact (0 + x): no float32
+    accumulators to fill, read and cast back."""
+    schedule = call.schedule
+    if schedule.n_steps != 1 or schedule.offsets[0] != 0 or schedule.columns(0, call.ring.positions[i]) is None:
+        return False
+    blocks = list(call.blocks(0, i, kv))
+    if len(blocks) != 1:
+        return False
+    _, _, rows, cols, vis = blocks[0]
+    if (rows.start, rows.stop, cols.start, cols.stop) != (0, q.shape[1], 0, kv.k.shape[1]):
+        return False
+    return getattr(kernels.choose(call.opts.backend, q, kv.k, vis, call.opts.bucket_size), "adds_once", False)
+
+
 def _ring_backward(call: _Call, dos, qs, kvs: list[KV], outs, lses):
     opts, schedule, ring = call.opts, call.schedule, call.ring
     scale = _scale(opts, qs[0].shape[-1])
     acc = state_dtype(qs[0].dtype)
     deltas: list[Tensor | None] = [None] * len(qs)  # rowsum(do · out), made for the first backend that reads it
-    dqs = [torch.zeros(q.shape, dtype=acc, device=q.device) for q in qs]
-    dks = [torch.zeros(kv.k.shape, dtype=acc, device=kv.k.device) for kv in kvs]
-    dvs = [torch.zeros(kv.v.shape, dtype=acc, device=kv.v.device) for kv in kvs]
+    sole = [_sole_block(call, i, q, kv) for i, (q, kv) in enumerate(zip(qs, kvs))]
+    dqs = [torch.zeros(q.shape, dtype=q.dtype if one else acc, device=q.device) for q, one in zip(qs, sole)]
+    dks = [torch.zeros(kv.k.shape, dtype=kv.k.dtype if one else acc, device=kv.k.device) for kv, one in zip(kvs, sole)]
+    dvs = [torch.zeros(kv.v.shape, dtype=kv.v.dtype if one else acc, device=kv.v.device) for kv, one in zip(kvs, sole)]
 
     def collect(step: int, pending) -> None:
         """Add the dK/dV that came back from step ``step``'s receivers to the owners' accumulators."""

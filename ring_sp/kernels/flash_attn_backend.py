@@ -35,6 +35,7 @@ class FlashAttnBackend:
     name = "flash_attn"
     auto_devices = ("cuda",)
     uses_delta = False  # flash-attention's backward computes rowsum(do · out) itself
+    adds_once = True  # one call, one accumulate per gradient
 
     def __init__(self, bucket_size: int | None = None):
         from flash_attn import flash_attn_func

@@ -4,11 +4,14 @@ A backend computes one block of attention with no distribution:
 
 - ``forward(q, k, v, state, visibility, scale)`` folds the K/V block into ``state`` in place.
 - ``backward(do, q, k, v, out, lse, delta, dq, dk, dv, visibility, scale)`` adds this
-  block's gradients to the float32 accumulators dq, dk, dv in place, given the *final* output
+  block's gradients to the accumulators dq, dk, dv in place (float32, or see ``adds_once``), given the *final* output
   ``out`` and log-sum-exp ``lse`` of the query rows and delta = rowsum(do · out).
 - ``unsupported(q, k, visibility)`` says why it cannot compute such a block (None: it can).
 - ``uses_delta`` (optional, default True): its backward reads ``delta``. The ring computes delta (one pass
   over do and out in float32) only for backends that read it and passes None to the others.
+- ``adds_once`` (optional, default False): its backward adds to each element of dq, dk, dv at most once
+  (one fused call). Where such a block is all a position has (a ring of one), the ring hands it zeroed
+  gradients in the inputs' dtype instead of float32 accumulators (exact: 0 + x).
 - ``takes_document_runs`` (optional, default False): it computes a block of several documents from the
   documents' runs (rows and columns of each), so the schedule should keep such blocks whole
   (``schedule.WHOLE``) rather than cut them for a kernel that masks by document ids.

@@ -312,7 +312,7 @@ def _merge_triton(state: State, out: Tensor, lse: Tensor) -> None:
 
 
 def accumulate(dst: Tensor, src: Tensor) -> None:
-    """dst (float32, (b, s, h, d)) += src (same shape, any float dtype); fused on CUDA."""
+    """dst ((b, s, h, d), float32 or src's dtype) += src (same shape, any float dtype); fused on CUDA."""
     if not (dst.is_cuda and src.stride(-1) == 1 and dst.stride(-1) == 1):
         dst += src
         return
@@ -334,6 +334,7 @@ class SdpaBackend:
     auto_devices = ("cuda", "cpu")
     takes_document_runs = True  # blocks of several documents need their runs (document_grid=WHOLE)
     uses_delta = False  # the fused ops compute rowsum(do · out) themselves
+    adds_once = True  # one op call, one accumulate per gradient
 
     def __init__(self, op: str | None = None):
         self.op_name = op

@@ -432,7 +432,8 @@ def merge_kernel(Acc, M, Lse, O, LseB,
 @triton.jit(do_not_specialize=["S"])
 def accumulate_kernel(Dst, Src, stride_db, stride_ds, stride_dh, stride_sb, stride_ss, stride_sh, H, S, D,
                       BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Dst (float32, (b, s, h, d) strided) += Src (any float dtype, same shape), one vectorised pass."""
+    """Dst ((b, s, h, d) strided; float32, or Src's dtype) += Src (any float dtype, same shape), one vectorised
+    pass in float32."""
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
