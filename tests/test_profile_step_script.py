@@ -26,12 +26,12 @@ def test_profiles_one_step_of_the_job(tmp_path):
     job = ["--seq-length", "64", "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
            "--ring-attention", "--recompute-granularity", "selective"]
     run = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_step.py"), "--out", str(tmp_path),
-                          "--warmup", "1", "--top", "8", "--", *job], cwd=ROOT, capture_output=True, text=True,
+                          "--warmup", "1", "--top", "30", "--", *job], cwd=ROOT, capture_output=True, text=True,
                          timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT})
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     result = json.load(open(tmp_path / "profile.json"))
     assert result["job_argv"] == job and result["wall_ms"] > 0 and result["gpu_busy_ms"] is None  # CPU
-    assert len(result["top"]) == 8 and any(r["name"] == "aten::mm" for r in result["top"])
+    assert len(result["top"]) == 30 and any(r["name"] == "aten::mm" for r in result["top"])
     # the step's phases, named for the GPU's idle-time split (on CPU: their own Python time)
     assert {"step: forward", "step: backward", "step: optimizer"} <= {r["name"] for r in result["top"]}
     assert result["recompute"].startswith("recompute: selective")  # the job's own flags took effect
