@@ -89,15 +89,18 @@ def with_liger_kernels(spec, config) -> tuple[object, list[str]]:
 
 
 def rope_applies(config) -> bool:
-    """Whether ``config``'s rotation is what :class:`LigerRoPE` computes (halves rotated, not interleaved pairs)."""
-    return not config.rotary_interleaved and not config.multi_latent_attention
+    """Whether ``config``'s rotation is what :class:`LigerRoPE` computes (halves rotated, not interleaved pairs)
+    and this megatron-core's attention looks up ``apply_rotary_pos_emb`` by module-level name (the one we wrap)."""
+    return (not config.rotary_interleaved and not config.multi_latent_attention
+            and hasattr(importlib.import_module(ATTENTION), "apply_rotary_pos_emb"))
 
 
 def use_liger_rope(config) -> None:
     """Rotate q and k of every layer built with ``config`` by liger's kernel (marks ``config``)."""
     if not rope_applies(config):
-        raise ValueError("liger's RoPE rotates halves of each head: rotary_interleaved and multi-latent attention "
-                         "keep Megatron's RoPE")
+        raise ValueError("liger's RoPE rotates halves of each head through megatron.core.transformer.attention's "
+                         "apply_rotary_pos_emb: rotary_interleaved, multi-latent attention or a megatron-core without "
+                         "that name keep Megatron's RoPE")
     config.liger_rope = True
     install_rope()
 
