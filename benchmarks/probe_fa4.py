@@ -5,8 +5,9 @@
 Dense causal bf16, batch 1, (batch, seq, heads, head_dim) storage as the ring keeps it: forward (with the
 log-sum-exp) and backward (given it) through FA4's ``_flash_attn_fwd`` / ``_flash_attn_bwd`` and through
 ``aten._scaled_dot_product_cudnn_attention`` and its backward; then FA4's variable-length path on one 16k
-block of log-normal documents (head_dim 128). Prints first-call (compile) time, ms, TFLOP/s (causal FLOPs,
-backward counted as 2.5 forwards) and the largest difference from cuDNN. Needs a GPU and FA4.
+block of log-normal documents (head_dim 128), and the same with new documents on every call (does a new
+``max_seqlen`` compile again? exact and rounded to a power of two). Prints first-call (compile) time, ms, TFLOP/s
+(causal FLOPs, backward counted as 2.5 forwards) and the largest difference from cuDNN. Needs a GPU and FA4.
 """
 
 from __future__ import annotations
@@ -123,6 +124,38 @@ def varlen(fa4, seq: int = 16384) -> list[dict]:
     return [row]
 
 
+def varlen_churn(fa4, seq: int = 16384, sets: int = 8) -> list[dict]:
+    """New documents every call, as packed training sees them: ``sets`` document sets (new lengths, counts and
+    longest document each), forward + backward of each timed on its first call (any compile for a new
+    ``max_seqlen`` shows here) and again; then the same sets with ``max_seqlen`` rounded up to a power of two
+    (a bound is all FA4 needs of it), which would bound the compiles if the first pass shows one per length."""
+    from benchmarks.bench_documents import HEAD_DIM, HEADS, KV_HEADS, document_lengths
+
+    scale = HEAD_DIM ** -0.5
+    q = torch.randn(seq, HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(seq, KV_HEADS, HEAD_DIM, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    do = torch.randn_like(q)
+    rows = []
+    for rounded in (False, True):
+        for n in range(sets):
+            lengths = document_lengths(seq, 1000 + 700 * n, [], seed=100 + n)
+            cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+            longest = max(lengths)
+            bound = 1 << (longest - 1).bit_length() if rounded else longest
+            args = dict(cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=bound, max_seqlen_k=bound,
+                        softmax_scale=scale, causal=True)
+
+            def step():
+                out, lse = fa4._flash_attn_fwd(q, k, v, return_lse=True, **args)[:2]
+                fa4._flash_attn_bwd(q, k, v, out, do, lse, **args)
+
+            first, again = seconds(step), seconds(step, reps=3)
+            rows.append({"max_seqlen": "power of two" if rounded else "exact", "documents": len(lengths),
+                         "longest": longest, "bound": bound, "first ms": 1e3 * first, "again ms": 1e3 * again})
+            print(f"  varlen churn {rows[-1]}", flush=True)
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=["32x4x64x32768", "32x8x128x16384"],
@@ -142,14 +175,23 @@ def main() -> None:
         rows += varlen(fa4)
     except Exception as error:
         print(f"varlen: {type(error).__name__}: {str(error)[:400]}", flush=True)
+    churn = []
+    try:
+        churn = varlen_churn(fa4)
+    except Exception as error:
+        print(f"varlen churn: {type(error).__name__}: {str(error)[:400]}", flush=True)
     cols = ["case", "kernel", "fwd ms", "bwd ms", "fwd TFLOP/s", "bwd TFLOP/s", "f+b TFLOP/s", "err fwd", "err bwd"]
     fmt = {"fwd ms": ".2f", "bwd ms": ".2f", "fwd TFLOP/s": ".0f", "bwd TFLOP/s": ".0f", "f+b TFLOP/s": ".0f",
            "err fwd": ".1e", "err bwd": ".1e"}
     lines = table(cols, [[format(r[c], fmt.get(c, "")) for c in cols] for r in rows])
+    churn_cols = ["max_seqlen", "documents", "longest", "bound", "first ms", "again ms"]
+    lines += ["", "New documents every call (FA4 varlen forward + backward, 16k tokens): a first call far above the "
+              "repeat is a compile", "",
+              *table(churn_cols, [[format(r[c], ".1f" if "ms" in c else "") for c in churn_cols] for r in churn])]
     text = "\n".join([f"# FlashAttention-4 against cuDNN (causal, bf16)\n\n{env_line(env)}\n", *lines, ""])
     print(text)
     if args.out:
-        write_results(args.out, text, {"environment": env, "rows": rows}, name="results")
+        write_results(args.out, text, {"environment": env, "rows": rows, "churn": churn}, name="results")
 
 
 if __name__ == "__main__":
