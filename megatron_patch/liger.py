@@ -129,13 +129,14 @@ class LigerRoPE(torch.autograd.Function):
     """``t`` [s, b, h, d] rotated as Megatron's ``_apply_rotary_pos_emb_bshd`` rotates it (halves, full head),
     by float32 ``cos`` and ``sin`` [s, d], through liger's kernel (float32 arithmetic, one rounding).
 
-    The kernel rotates in place: ``t`` itself when it is a contiguous tensor of its own (marked dirty for
-    autograd), else a contiguous copy. It takes q and k together, as [1, b·h, s, d] and a one-head scratch k
+    The kernel rotates in place: ``t`` itself when it is a contiguous intermediate result of its own (marked
+    dirty for autograd; Megatron's query), else a contiguous copy (views such as Megatron's key, leaves, tensors
+    made under no_grad). It takes q and k together, as [1, b·h, s, d] and a one-head scratch k
     (what Megatron passes is one of them at a time). Backward rotates a copy of the gradient back."""
 
     @staticmethod
     def forward(ctx, t: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-        own = t.is_contiguous() and t._base is None
+        own = t.is_contiguous() and t._base is None and t.grad_fn is not None  # an autograd result, not a view
         x = t if own else t.clone(memory_format=torch.contiguous_format)
         _rotate(x, cos, sin, backward=False)
         if own:

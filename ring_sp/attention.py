@@ -6,8 +6,8 @@ computed) and folds every block into its queries' float32 state. Backward runs t
 again: dq accumulates locally in float32; each step's dK/dV (float32) go straight back to the
 owner of the K/V, which adds them up. delta = rowsum(do · out) is made only for backends that read it
 (torch, triton; the fused ops of sdpa and flash_attn make their own). In a ring of one with such an op the
-gradients stay in the inputs' dtype (one block, one exact add: ``_sole_block``). Nothing is all-gathered, no autograd runs through
-communication.
+gradients stay in the inputs' dtype (one block, one exact add: ``_sole_block``). Nothing is
+all-gathered, no autograd runs through communication.
 """
 
 from __future__ import annotations

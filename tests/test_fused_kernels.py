@@ -106,3 +106,7 @@ def test_liger_rope_matches_float64_forward_and_backward(dtype, own):
     assert (qkv.grad[..., d: 2 * d].double() - grad_want).abs().max() / grad_want.abs().max() < tol
     assert not qkv.grad[..., :d].any() and not qkv.grad[..., 2 * d:].any()
     assert torch.equal(qkv.detach(), before)  # qkv itself never rotated
+    leaf = before[..., d: 2 * d].contiguous().requires_grad_(True)  # a caller's own tensor: left as it was
+    kept = leaf.detach().clone()
+    LigerRoPE.apply(leaf, *cos_sin(freqs, 1.0)).sum().backward()
+    assert torch.equal(leaf.detach(), kept) and leaf.grad is not None
