@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 
+import torch
 import torch.distributed as dist
 
 from launch.errors import ConfigError
@@ -179,4 +180,19 @@ def load(engine, directory: str, tag: str) -> int:
     path, client = engine.load_checkpoint(directory, tag=tag)
     if path is None:
         raise ConfigError(f"--load {directory}: DeepSpeed could not load checkpoint {tag}", agreed=True)
+    base = base_optimizer(engine)
+    if isinstance(base, torch.optim.AdamW):  # the saved groups' settings replaced the job's: keep it fused
+        for group in base.param_groups:
+            group["fused"], group["foreach"] = True, None
     return int(client["iteration"])
+
+
+def base_optimizer(engine) -> torch.optim.Optimizer | None:
+    """The torch optimizer inside ``engine``'s (ZeRO, bf16, fp16) wrappers.
+
+    torch's ``Optimizer.load_state_dict`` restores the saved param groups' settings, ``fused`` among them, so a
+    checkpoint saved before the job's AdamW was fused would otherwise resume on the slower for-each path."""
+    opt = engine.optimizer
+    while opt is not None and not isinstance(opt, torch.optim.Optimizer):
+        opt = getattr(opt, "optimizer", None)
+    return opt

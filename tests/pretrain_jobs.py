@@ -27,6 +27,30 @@ class PlantedInf:
         return b
 
 
+def fused_after_resume(argv: list[str], directory: str) -> list:
+    """Build the job, make its AdamW groups say ``fused: None`` (as a checkpoint saved before the job's AdamW was
+    fused says), save; build the job again and load: the resumed groups' ``fused`` and the optimizer's class."""
+    from launch import checkpoint
+    from launch.args import parse_and_check
+    from launch.job import make_job
+    from ring_sp import topology
+
+    rank = str(dist.get_rank())
+    os.environ.update(RANK=rank, LOCAL_RANK=rank, WORLD_SIZE=str(dist.get_world_size()))
+    topology.init_distributed("gloo")
+    args, config = parse_and_check(argv)
+    with megatron_groups(tensor=args.tensor_model_parallel_size, pipeline=args.pipeline_model_parallel_size,
+                         ring=args.context_parallel_size) as mpu:
+        job = make_job(args, config, torch.device("cpu"), mpu)
+        for group in checkpoint.base_optimizer(job.engine).param_groups:
+            group["fused"] = None
+        checkpoint.save(job.engine, directory, 1, job.meta)
+        resumed = make_job(args, config, torch.device("cpu"), mpu)
+        checkpoint.load(resumed.engine, directory, checkpoint.tag_for(1))
+        base = checkpoint.base_optimizer(resumed.engine)
+        return [type(base).__name__, *(group["fused"] for group in base.param_groups)]
+
+
 def run_job(argv: list[str], planted: list[int]) -> dict:
     """Check ``argv`` as the job does, build its job (any pipeline size), load ``--load``, and train (launch.train.run).
 

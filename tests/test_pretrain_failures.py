@@ -19,7 +19,7 @@ import torch
 
 from launch import errors
 from launch.args import parse_and_check
-from tests.pretrain_jobs import run_job
+from tests.pretrain_jobs import fused_after_resume, run_job
 from tests.pretrain_runs import GLOBAL_BATCH, MODEL, bare_ranks, read_metrics, write_config
 
 
@@ -210,3 +210,11 @@ def test_one_line_and_an_exit_code_per_failure(capsys, error, rank, code, printe
 def test_the_unforeseen_and_debug_keep_the_traceback(error, debug):
     with pytest.raises(type(error)), errors.reported(0, debug=debug):
         raise error
+
+
+def test_a_checkpoint_from_before_the_fused_adamw_resumes_fused(dist_pool, config, tmp_path):
+    """torch's Optimizer.load_state_dict takes the saved groups' settings: a checkpoint whose AdamW groups say
+    fused None (saved before the job's AdamW was fused) must not resume on the for-each path."""
+    directory = str(tmp_path / "ckpt")
+    got = dist_pool(2).run(fused_after_resume, _argv(config, "--train-iters", "1"), directory)
+    assert got == [["AdamW", True, True]] * 2, got
