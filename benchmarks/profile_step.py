@@ -63,19 +63,24 @@ def idle_gaps(busy: list[tuple[float, float]], start: float, end: float) -> list
 
 def idle_by_host(gaps: list[tuple[float, float]], host: list[tuple[str, float, float, int]]) -> dict[str, float]:
     """Split the GPU's idle ``gaps`` by what the host was running: each moment of a gap goes to the deepest
-    host operator (``(name, start, end, depth)``, any thread) running then, or to "(no operator)". µs by name."""
-    totals: dict[str, float] = {}
-    host = sorted(host, key=lambda h: h[1])
-    starts = [h[1] for h in host]
-    import bisect
+    host operator (``(name, start, end, depth)``, any thread) running then, or to "(no operator)". µs by name.
 
-    for g0, g1 in gaps:
-        cover = [h for h in host[:bisect.bisect_left(starts, g1)] if h[2] > g0]
-        cuts = sorted({g0, g1, *(t for h in cover for t in (h[1], h[2]) if g0 < t < g1)})
-        for a, b in zip(cuts, cuts[1:]):
-            mid = (a + b) / 2
-            running = [h for h in cover if h[1] <= mid < h[2]]
-            name = max(running, key=lambda h: (h[3], h[1]))[0] if running else "(no operator)"
+    One sweep over every start and end (a GPU step has tens of thousands of host operators)."""
+    totals: dict[str, float] = {}
+    points = sorted({t for g in gaps for t in g} | {t for h in host for t in h[1:3]})
+    opens: dict[float, list[int]] = {}
+    for n, h in enumerate(host):
+        opens.setdefault(h[1], []).append(n)
+    gaps = sorted(gaps)
+    running: set[int] = set()
+    g = 0
+    for a, b in zip(points, points[1:]):
+        running |= set(opens.get(a, ()))
+        running = {n for n in running if host[n][2] > a}
+        while g < len(gaps) and gaps[g][1] <= a:
+            g += 1
+        if g < len(gaps) and gaps[g][0] <= a:  # [a, b) lies inside gap g (points include every gap edge)
+            name = host[max(running, key=lambda n: (host[n][3], host[n][1], -n))][0] if running else "(no operator)"
             totals[name] = totals.get(name, 0.0) + (b - a)
     return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
