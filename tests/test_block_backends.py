@@ -158,6 +158,22 @@ def test_an_op_that_disagrees_with_float32_math_is_not_used(monkeypatch):
     assert "no fused op" in kernels.get("sdpa_fa4").unsupported(q, q, Visibility())
 
 
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_an_op_first_tried_without_autograd_is_still_used(monkeypatch, mode):
+    """Megatron's full recompute runs a layer's first forward under no_grad: the op's trial (which checks gradients
+    against float32 autograd) must not fail there and rule the op out for the whole process."""
+    from ring_sp import RingOptions, attention_kernel
+    from ring_sp.kernels import sdpa_backend
+
+    monkeypatch.setattr(sdpa_backend, "_AVAILABLE", {})
+    q, k = torch.empty(1, 8, 4, 16), torch.empty(1, 8, 2, 16)
+    with getattr(torch, mode)():
+        assert attention_kernel(RingOptions(causal=True), q, k) == "sdpa (cpu)"
+        assert not torch.is_grad_enabled()  # the trial restores the caller's mode
+    assert attention_kernel(RingOptions(causal=True), q, k) == "sdpa (cpu)"
+    assert sdpa_backend._AVAILABLE == {("cpu", q.device, q.dtype, 16, False): True}
+
+
 def test_flash_attn_4_alone_does_not_register_the_flash_attn_2_backend(tmp_path, monkeypatch):
     """flash-attn-4 installs the namespace package flash_attn holding only flash_attn.cute."""
     import importlib.util

@@ -468,12 +468,14 @@ _AVAILABLE: dict[tuple[str, torch.device, torch.dtype, int, bool], bool] = {}
 
 def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
     """Whether ``op`` (or its ragged form) runs here, forward and backward, and agrees with itself (tried once
-    per device, dtype and head_dim)."""
+    per device, dtype and head_dim). The trial builds its float32 reference with autograd whatever mode the caller
+    is in: a first call under ``no_grad`` (a recomputed layer's first forward) must not rule the op out."""
     key = (op.name, q.device, q.dtype, q.shape[-1], ragged)
     if key not in _AVAILABLE:
         try:
             # the ragged trial checks against the op's dense form, so that form must have passed its own first
-            works = (_available(op, q) and _try_ragged(op, q)) if ragged else _try(op, q)
+            with torch.inference_mode(False), torch.enable_grad():
+                works = (_available(op, q) and _try_ragged(op, q)) if ragged else _try(op, q)
             why = "it disagrees with float32 math"
         except Exception as error:  # noqa: BLE001 - an optional package that fails in any way is not used
             works, why = False, f"{type(error).__name__}: {error}"
