@@ -113,14 +113,18 @@ def labelled_phases(engine) -> None:
         setattr(engine, method, labelled)
 
 
-def device_events(prof) -> list[tuple[str, float, float]]:
-    """(name, start µs, end µs) of every kernel, copy and memset the GPU ran."""
+def device_events(prof, device: str = "CUDA") -> list[tuple[str, float, float]]:
+    """(name, start µs, end µs) of every kernel, copy and memset the GPU ran (``device``: the profiler's device
+    type), on the clock of ``host_events`` and the step's window: µs since the trace began (kineto's own times
+    are absolute)."""
     from torch.autograd import DeviceType
 
+    results = prof.profiler.kineto_results
+    origin = results.trace_start_ns()
     out = []
-    for e in prof.profiler.kineto_results.events():
-        if e.device_type() == DeviceType.CUDA:
-            start = e.start_ns() / 1e3
+    for e in results.events():
+        if e.device_type() == getattr(DeviceType, device):
+            start = (e.start_ns() - origin) / 1e3
             out.append((e.name(), start, start + e.duration_ns() / 1e3))
     return out
 

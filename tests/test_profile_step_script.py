@@ -75,3 +75,20 @@ def test_host_events_give_every_operator_with_its_depth():
     end = max(e for _, _, e, _ in events)
     split = idle_by_host([(start, end)], events)  # as if the GPU idled through all of it
     assert abs(sum(split.values()) - (end - start)) < 1e-6 and "aten::mm" in split
+
+
+def test_device_events_are_on_the_host_events_clock():
+    """Kineto's event times are absolute, the profiler's host events count from the trace's start: the GPU's
+    intervals must be moved onto the host's clock, else every step looks idle (seen on an H100: 451 ms idle
+    in a 451 ms step that was 98.7% busy). Checked with the CPU's kineto events, which both lists hold."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.profile_step import device_events, host_events
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        torch.ones(64, 64).mm(torch.ones(64, 64))
+    kineto = sorted((s, e) for name, s, e in device_events(prof, "CPU") if name == "aten::mm")
+    host = sorted((s, e) for name, s, e, _ in host_events(prof) if name == "aten::mm")
+    assert len(kineto) == len(host) == 1
+    assert all(abs(a - b) < 1.0 for pair in zip(kineto, host) for a, b in zip(*pair)), (kineto, host)
