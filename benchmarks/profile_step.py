@@ -116,14 +116,15 @@ def labelled_phases(engine) -> None:
 def device_events(prof, device: str = "CUDA") -> list[tuple[str, float, float]]:
     """(name, start µs, end µs) of every kernel, copy and memset the GPU ran (``device``: the profiler's device
     type), on the clock of ``host_events`` and the step's window: µs since the trace began (kineto's own times
-    are absolute)."""
+    are absolute). Not the GPU's copies of ``record_function`` ranges: they span kernels and the gaps between."""
     from torch.autograd import DeviceType
 
     results = prof.profiler.kineto_results
     origin = results.trace_start_ns()
     out = []
     for e in results.events():
-        if e.device_type() == getattr(DeviceType, device):
+        annotation = e.is_user_annotation() or "user_annotation" in e.activity_type()  # kineto: gpu_user_annotation
+        if e.device_type() == getattr(DeviceType, device) and not annotation:
             start = (e.start_ns() - origin) / 1e3
             out.append((e.name(), start, start + e.duration_ns() / 1e3))
     return out
@@ -163,7 +164,7 @@ def summarize(prof, wall_ms: float, gpu: bool, top: int, window: tuple[float, fl
         kernels = sorted(averages, key=lambda a: -a.self_device_time_total)
         rows = [{"name": a.key, "calls": a.count, "ms": a.self_device_time_total / 1e3,
                  "share": a.self_device_time_total / 1e3 / busy if busy else 0.0}
-                for a in kernels[:top] if a.self_device_time_total > 0]
+                for a in kernels if a.self_device_time_total > 0 and not a.key.startswith("step: ")][:top]
         to_host = sum(1 for name, _, _ in events if "DtoH" in name)
         syncs = sum(a.count for a in averages if a.key in SYNCS)
         return {"wall_ms": wall_ms, "gpu_busy_ms": busy, "gpu_busy_share": busy / wall_ms, "kernels": len(events),
