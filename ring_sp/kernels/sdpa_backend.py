@@ -480,10 +480,11 @@ def _available(op: Op, q: Tensor, ragged: bool = False) -> bool:
         except Exception as error:  # noqa: BLE001 - an optional package that fails in any way is not used
             works, why = False, f"{type(error).__name__}: {error}"
         _AVAILABLE[key] = works
-        quiet = works or why.startswith(("ImportError", "ModuleNotFoundError"))  # not installed: no news
-        (log.debug if quiet else log.info)("sdpa op %s%s%s for %s head_dim %d on %s%s", op.name, " (ragged)" * ragged,
-                                           " not used" * (not works), q.dtype, q.shape[-1], q.device.type,
-                                           "" if works else f": {why}")
+        # not installed: no news; installed but failing: a slower op computes the blocks, which users must hear of
+        quiet = works or why.startswith(("ImportError", "ModuleNotFoundError"))
+        say = log.debug if quiet else log.warning
+        say("sdpa op %s%s%s for %s head_dim %d on %s%s", op.name, " (ragged)" * ragged, " not used" * (not works),
+            q.dtype, q.shape[-1], q.device.type, "" if works else f": {why}")
     return _AVAILABLE[key]
 
 
