@@ -39,6 +39,8 @@ ORDER = ["core_v0.16", "core_v0.17", "core_v0.18", "core_v0.19", "main"]
 LOG_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+) \|"
                       r".*?lm loss: ([0-9.]+E[+-]\d+) \|")
 GUARD_LINE = re.compile(r"megatron_patch: guard passed after the model was built: (.*)")
+KERNEL_LINE = re.compile(r"megatron_patch: guard passed after the first step: .*?attention kernel: ([^;\n]+)")
+MEMORY_LINE = re.compile(r"\(after \d+ iterations\) memory \(MB\) \|.*?max allocated: ([0-9.]+)")
 
 
 def megatron_flags(seq: int, layers: int, hidden: int, heads: int, iters: int, vocab: int) -> list[str]:
@@ -56,10 +58,13 @@ def megatron_flags(seq: int, layers: int, hidden: int, heads: int, iters: int, v
 
 
 def parse_log(text: str) -> dict:
-    """Steps (iteration, ms, loss) and the guard's line from one run's output."""
+    """Steps (iteration, ms, loss), the guard's line, the attention kernel the guard saw in the first step and
+    the largest "max allocated" (MiB, torch's peak) of Megatron's memory reports, from one run's output."""
     steps = [{"iteration": int(i), "ms": float(ms), "loss": float(loss)} for i, ms, loss in LOG_LINE.findall(text)]
-    guard = GUARD_LINE.search(text)
-    return {"steps": steps, "guard": guard.group(1).strip() if guard else None}
+    guard, kernel = GUARD_LINE.search(text), KERNEL_LINE.search(text)
+    memory = [float(mb) for mb in MEMORY_LINE.findall(text)]
+    return {"steps": steps, "guard": guard.group(1).strip() if guard else None,
+            "kernel": kernel.group(1).strip() if kernel else None, "max_allocated_mb": max(memory, default=None)}
 
 
 def step_ms(steps: list[dict], skip: int = 5) -> float | None:
@@ -127,7 +132,8 @@ def train(tree: Path, flags: list[str], ring: bool, timeout: float, port: int) -
 def summarize(name: str, version: str, ring: bool, run: dict) -> dict:
     steps = run["steps"]
     return {"version": name, "megatron_core": version, "attention": "ring" if ring else "Megatron local",
-            "status": run["status"], "core_attention": run.get("guard"), "steps": len(steps),
+            "status": run["status"], "core_attention": run.get("guard"), "attention_kernel": run.get("kernel"),
+            "steps": len(steps),
             "loss_last": steps[-1]["loss"] if steps else None, "ms_per_step": step_ms(steps),
             "wall_s": run["wall_s"], "losses": [s["loss"] for s in steps], "ms": [s["ms"] for s in steps]}
 

@@ -27,7 +27,9 @@ Recomputation is not counted: it is hardware work. ``results.md`` states the for
 in ``TREE`` (a ``git archive`` of github.com/NVIDIA/Megatron-LM), one GPU, context-parallel 1, its local
 transformer, mock data, ``python -m megatron_patch ... --ring-attention``; no recomputation, or full
 recomputation of every layer when that runs out of memory. Its rows are named ``megatron-lm``; tokens/s come
-from Megatron's "elapsed time per iteration" (median after the first 5 steps).
+from Megatron's "elapsed time per iteration" (median after the first 5 steps), peak memory from its "max allocated".
+Every row names the attention kernel its run used (our job's start line, megatron_patch's first-step guard);
+``results.md`` says in bold when the runs of one length used different kernels.
 
 ``--recompute-granularity`` and ``--fused-kernels`` go to every run (default: the job's, auto; each
 run's log says what auto chose, and ``results.json`` keeps those lines).
@@ -148,7 +150,8 @@ def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_ba
             code = "timeout"
     text = open(log, errors="replace").read()
     said = {key: next((line.strip() for line in text.splitlines() if line.startswith(f"{key}: ")), None)
-            for key in ("recompute", "fused kernels")}
+            for key in ("recompute", "fused kernels", "attention kernel")}
+    kernel = said["attention kernel"] and said["attention kernel"].removeprefix("attention kernel: ")
     rows = [json.loads(line) for line in open(metrics)] if os.path.exists(metrics) else []
     train = [r for r in rows if r["kind"] == "train"]
     status = "ok" if code == 0 and len(train) == iters else (
@@ -157,7 +160,8 @@ def run_job(opts, name: str, ring: int, tp: int, seq: int, iters: int, global_ba
         print(f"[{tag}] {status}; the end of its log:\n{text[-3000:]}", flush=True)
     return {"name": name, "ring": ring, "tp": tp, "seq": seq, "status": status, "command": shlex.join(command),
             "log": os.path.relpath(log, opts.out), "mfu": None, "recompute": said["recompute"],
-            "fused_kernels": said["fused kernels"], "train": train}
+            "fused_kernels": said["fused kernels"], "train": train,
+            "attention_kernel": kernel}
 
 
 def scaling(opts) -> list[dict]:
@@ -221,14 +225,16 @@ def megatron_lm(opts) -> list[dict]:
         ok = run["status"] == 0 and ms is not None and run["guard"] is not None
         r = {"name": "megatron-lm", "ring": 1, "tp": 1, "seq": seq, "command": run["command"],
              "log": os.path.relpath(log, opts.out), "mfu": None, "recompute": "full" if recompute else "none",
-             "fused_kernels": None, "core_attention": run["guard"], "train": run["steps"],
+             "fused_kernels": None, "core_attention": run["guard"], "attention_kernel": run["kernel"],
+             "train": run["steps"],
              "status": "ok" if ok else ("out of memory" if oom else f"failed ({run['status']})")}
         if ok:
             r["tokens_per_s_per_gpu"] = seq / (ms / 1000)
             r["flops_per_token"] = flops_per_token(opts.model_args, seq)
             r["mfu"] = r["tokens_per_s_per_gpu"] * r["flops_per_token"] / (opts.peak_tflops * 1e12) \
                 if opts.peak_tflops else None
-            r["peak_memory_mb"] = float("nan")  # Megatron-LM does not print it without TensorBoard
+            # torch's peak, as our job reports it; Megatron prints it after the first steps (training.py)
+            r["peak_memory_mb"] = run["max_allocated_mb"] if run["max_allocated_mb"] is not None else float("nan")
         results.append(r)
         print(f"[megatron-lm seq {seq}] {r['status']}" + (f": {r['tokens_per_s_per_gpu']:.0f} tokens/s" if ok else ""),
               flush=True)
@@ -260,6 +266,17 @@ def earlier_rows(path: str, now: list[dict]) -> list[dict]:
     return [{**r, "previous": mark} for r in earlier["scaling"] if (r["name"], r["seq"]) not in done]
 
 
+def kernel_mismatches(rows: list[dict]) -> list[str]:
+    """One line for each sequence length whose runs did not all compute attention with the same kernel (then
+    their tokens/s compare kernels, not jobs), e.g. Megatron-LM without FlashAttention-4 beside our job with it."""
+    kernels: dict[int, dict[str, str]] = {}
+    for r in rows:
+        if r["status"] == "ok":
+            kernels.setdefault(r["seq"], {})[r["name"]] = r.get("attention_kernel") or "not reported"
+    return [f"seq {seq}: " + ", ".join(f"{name} {kernel}" for name, kernel in by_name.items())
+            for seq, by_name in sorted(kernels.items()) if len(set(by_name.values())) > 1]
+
+
 def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None:
     lines = [f"# Pretraining on one node: {opts.nproc} ranks", "", env_line(env), "",
              f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", "",
@@ -271,13 +288,17 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
             mfu = f"{100 * r['mfu']:.1f}%" if ok and r["mfu"] is not None else "—"
             name = r["name"] + (" *" if r.get("previous") else "")
             rows.append([name, r["seq"], r["status"], *([f"{r['tokens_per_s_per_gpu']:.0f}", mfu,
-                                                             f"{r['peak_memory_mb']:.0f}"] if ok else ["—"] * 3)])
+                                                             f"{r['peak_memory_mb']:.0f}"] if ok else ["—"] * 3),
+                         r.get("attention_kernel") or "—"])
         longest = {}
         for r in scaled:
             if r["status"] == "ok":
                 longest[r["name"]] = max(longest.get(r["name"], 0), r["seq"])
         lines += ["## Sequence length", "",
-                  *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)"], rows), "",
+                  *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)",
+                          "attention kernel"], rows), "",
+                  *([f"**Not like for like**: the runs of one length used different attention kernels "
+                     f"({'; '.join(kernel_mismatches(scaled))})", ""] if kernel_mismatches(scaled) else []),
                   *(["\\* from an earlier call (`--previous`): "
                      + ", ".join(sorted({r["previous"] for r in scaled if r.get("previous")})), ""]
                     if any(r.get("previous") for r in scaled) else []),

@@ -33,7 +33,23 @@ def test_parse_log_reads_steps_and_guard():
     assert parsed["steps"][0] == {"iteration": 1, "ms": 9100.0, "loss": 10.4}
     assert parsed["guard"] == "core attention: 4 x DotProductAttention; RoPE: LayoutRotaryEmbedding"
     assert versions.step_ms(parsed["steps"]) == 455.0  # the slow first step is left out
-    assert versions.parse_log("Traceback ...\nRingAttentionNotApplied: ...") == {"steps": [], "guard": None}
+    assert parsed["kernel"] is None and parsed["max_allocated_mb"] is None  # a run without those lines
+    assert versions.parse_log("Traceback ...\nRingAttentionNotApplied: ...") == {
+        "steps": [], "guard": None, "kernel": None, "max_allocated_mb": None}
+
+
+def test_parse_log_reads_the_attention_kernel_and_peak_memory():
+    """As Megatron-LM core 0.16 prints them (training.py's report_memory) and megatron_patch's first-step guard."""
+    text = "\n".join([
+        _log(455.0, [10.4, 10.2], ring=True),
+        "megatron_patch: guard passed after the first step: RoPE table: from LayoutRotaryEmbedding; data split: "
+        "megatron_patch's; attention kernel: sdpa (fa4); packed documents: whole (ring_sp.document_plan)",
+        "[Rank 0] (after 1 iterations) memory (MB) | allocated: 17837.23 | max allocated: 57501.94 | reserved: "
+        "57750.00 | max reserved: 57750.00",
+        "[Rank 0] (after 2 iterations) memory (MB) | allocated: 17837.23 | max allocated: 65398.64 | reserved: "
+        "67102.00 | max reserved: 67102.00"])
+    parsed = versions.parse_log(text)
+    assert parsed["kernel"] == "sdpa (fa4)" and parsed["max_allocated_mb"] == 65398.64
 
 
 def test_table_compares_ring_with_local(tmp_path):

@@ -42,6 +42,7 @@ def test_scaling_and_loss_overlay(tmp_path):
     # same data, same global batch: ring attention over 2 ranks reproduces dense attention (seen 6e-8)
     assert loss["max_rel_loss_diff"] < 1e-5
     assert (tmp_path / "scaling.png").exists() and (tmp_path / "loss.png").exists()
+    assert row["attention_kernel"] == "sdpa (cpu)"  # the job's start line
     assert "| ring2 | 64 | ok |" in open(tmp_path / "results.md").read()
 
 
@@ -73,6 +74,18 @@ def test_rows_of_an_earlier_call_join_the_report(tmp_path):
     now = [{"name": "ring1", "seq": 32768, "status": "ok"}, {"name": "megatron-lm", "seq": 16384, "status": "ok"}]
     assert earlier_rows(str(tmp_path / "results.json"), now) == [
         {**row, "previous": "NVIDIA H200, 2026-12-07T18:00:00+00:00"}]
+
+
+def test_runs_of_one_length_with_different_attention_kernels_are_flagged():
+    """Megatron-LM set up without FlashAttention-4 beside our job with it compares kernels, not jobs."""
+    from benchmarks.pretrain_scaling import kernel_mismatches
+
+    ours = {"name": "ring1", "status": "ok", "attention_kernel": "sdpa (fa4)"}
+    theirs = {"name": "megatron-lm", "status": "ok", "attention_kernel": "sdpa (fa4)"}
+    rows = [{**ours, "seq": 16384}, {**theirs, "seq": 16384}, {**ours, "seq": 32768},
+            {**theirs, "seq": 32768, "attention_kernel": "sdpa (cudnn)"},
+            {**ours, "seq": 65536}, {**theirs, "seq": 65536, "status": "out of memory", "attention_kernel": None}]
+    assert kernel_mismatches(rows) == ["seq 32768: ring1 sdpa (fa4), megatron-lm sdpa (cudnn)"]
 
 
 def test_no_setups_without_megatron_lm_is_refused(tmp_path):
