@@ -41,6 +41,8 @@ class SeededTransformerLayer(TransformerLayer):
         offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"))
         torch.manual_seed(layer_seed(seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, **kwargs)
+        if getattr(type(self.mlp), "recomputed", False):  # a layer Megatron recomputes whole keeps nothing to drop
+            self.mlp.recompute_self = not recompute.whole_layer(config, layer_number)
 
 
 def transformer_config(args):
@@ -79,7 +81,7 @@ def layer_spec(args, config):
         from megatron_patch.liger import with_liger_kernels
 
         spec, _ = with_liger_kernels(spec, config)
-    if args.recompute_granularity == "selective":
+    if args.recompute_granularity == "selective" or getattr(args, "recompute_mlp_rest", False):
         spec.submodules.mlp.module = recompute.recomputed_mlp(spec.submodules.mlp.module)
     if args.ring_attention:
         spec = with_ring_core_attention(spec, RingOptions.from_args(args))

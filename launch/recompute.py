@@ -15,6 +15,10 @@ size e of the activations) keeps for backward, per token:
   2gd)/t): the MLP keeps only its input and runs again in backward;
 - ``full`` (a layer recomputed whole): e · h, its input.
 
+Full recompute of the first N layers may be combined with selective recompute in the others (the MLPs of
+layers N+1 .. L recompute themselves): at long sequences, where a layer's recompute is mostly attention, that
+fits with fewer layers recomputed whole than full recompute alone.
+
 The rest of the rank: model states (weights, gradients, AdamW states, as DeepSpeed's ZeRO stage splits
 them), the logits with their float32 softmax (or liger's chunked fused linear cross-entropy), and the
 working set of one recomputed layer. The plan that fits with the fewest recomputed FLOPs wins:
@@ -37,10 +41,20 @@ def recomputed_mlp(mlp_class: type) -> type:
 
     def forward(self, hidden_states, *args, **kwargs):
         run = super(recomputed, self).forward
+        if not getattr(self, "recompute_self", True):  # inside a layer recomputed whole (whole_layer)
+            return run(hidden_states, *args, **kwargs)
         return torch.utils.checkpoint.checkpoint(run, hidden_states, *args, use_reentrant=False, **kwargs)
 
     recomputed = type(f"Recomputed{mlp_class.__name__}", (mlp_class,), {"forward": forward, "recomputed": True})
     return recomputed
+def whole_layer(config, layer_number: int) -> bool:
+    """Whether Megatron recomputes the layer ``layer_number`` (1-based, within its pipeline stage) whole: full
+    recompute of the first ``recompute_num_layers`` layers (block) or of every layer (uniform)."""
+    if config.recompute_granularity != "full":
+        return False
+    return config.recompute_method != "block" or layer_number <= config.recompute_num_layers
+
+
 MARGIN = 0.9  # of the memory available, what the plan may fill (allocator slack, NCCL and DeepSpeed buffers)
 
 
@@ -117,9 +131,11 @@ def logits_bytes(s: Shape) -> float:
     return (s.element + 8) * s.vocab / s.tensor
 
 
-def activations(s: Shape, granularity: str | None, method: str | None = None, n: int | None = None) -> float:
+def activations(s: Shape, granularity: str | None, method: str | None = None, n: int | None = None,
+                mlp_rest: bool = False) -> float:
     """Activation bytes of the rank's micro batch under a recompute setting (full: ``method`` block or uniform
-    with ``n`` layers), the working set of one recomputed layer and the ring's float32 buffers included."""
+    with ``n`` layers; ``mlp_rest``: selective recompute in the layers block leaves), the working set of one
+    recomputed layer and the ring's float32 buffers included."""
     L = s.layers
     none, sel, full = (layer_bytes(s, m) for m in ("none", "selective", "full"))
     work = 4 * (2 * s.hidden + 2 * s.kv_heads * (s.hidden // s.heads)) / s.tensor  # ring state, dq, dk, dv
@@ -127,8 +143,8 @@ def activations(s: Shape, granularity: str | None, method: str | None = None, n:
         per_token = L * none
     elif granularity == "selective":
         per_token = L * sel + none - sel
-    elif method == "block":  # backward reaches the recomputed layers after freeing the others'
-        per_token = n * full + max(L - n, 1) * none
+    elif method == "block":  # backward reaches the recomputed layers after freeing the others'; one layer's
+        per_token = n * full + max(L - n - 1, 0) * (sel if mlp_rest else none) + none  # whole working set
     else:  # uniform: each chunk of n layers keeps its input; one chunk is recomputed at a time
         per_token = -(-L // n) * full + n * none
     return s.tokens * (per_token + work)
@@ -142,6 +158,7 @@ class Plan:
     num_layers: int | None = None  # full: the first N layers (recompute_method "block")
     activations: float = 0.0  # bytes
     flops: float = 0.0  # recomputed forward FLOPs per micro batch
+    mlp_rest: bool = False  # full: the other layers' MLPs recompute themselves (selective)
 
     @property
     def method(self) -> str | None:
@@ -149,13 +166,15 @@ class Plan:
 
     def name(self, layers: int) -> str:
         if self.granularity == "full":
-            return f"full (the first {self.num_layers} of {layers} layers)" if self.num_layers < layers else "full"
+            name = f"full (the first {self.num_layers} of {layers} layers)" if self.num_layers < layers else "full"
+            return name + (", selective (MLP) in the others" if self.mlp_rest else "")
         return self.granularity or "none"
 
 
 def plans(s: Shape) -> list[Plan]:
     """Every plan the policy considers, with its activation bytes and recomputed FLOPs per micro batch:
-    none, selective, full recompute of the first N layers for N = 1 .. layers."""
+    none, selective, full recompute of the first N layers for N = 1 .. layers, and for N = 1 .. layers - 1
+    with selective recompute in the others."""
     h, f, t, n = s.hidden, s.ffn, s.tensor, s.tokens
     d = h // s.heads
     mlp_flops = 2 * (3 if s.gated else 2) * h * f / t
@@ -163,6 +182,8 @@ def plans(s: Shape) -> list[Plan]:
     out = [Plan(None, activations=activations(s, None)),
            Plan("selective", activations=activations(s, "selective"), flops=n * s.layers * mlp_flops)]
     out += [Plan("full", k, activations(s, "full", "block", k), n * k * layer_flops) for k in range(1, s.layers + 1)]
+    out += [Plan("full", k, activations(s, "full", "block", k, mlp_rest=True),
+                 n * (k * layer_flops + (s.layers - k) * mlp_flops), mlp_rest=True) for k in range(1, s.layers)]
     return out
 
 
@@ -171,7 +192,7 @@ def choose(s: Shape, available: float) -> tuple[Plan, Plan]:
     full recompute of every layer —, the plan without recompute)."""
     every = plans(s)
     fitting = [p for p in every if p.activations <= available]
-    best = min(fitting, key=lambda p: (p.flops, p.activations)) if fitting else every[-1]
+    best = min(fitting, key=lambda p: (p.flops, p.activations)) if fitting else max(every, key=lambda p: p.flops)
     return best, every[0]
 
 
@@ -206,6 +227,7 @@ def resolve(args: argparse.Namespace, s: Shape, device) -> str:
     """Turn --recompute-granularity auto into a plan (sets ``args.recompute_granularity``, ``_method``,
     ``_num_layers``) and return the line that says what was chosen and why."""
     mode = args.recompute_granularity
+    args.recompute_mlp_rest = False  # the MLPs of layers not recomputed whole recompute themselves (auto's plans)
     if mode != "auto":
         estimate = activations(s, mode, args.recompute_method, args.recompute_num_layers)
         n = args.recompute_num_layers
@@ -219,8 +241,8 @@ def resolve(args: argparse.Namespace, s: Shape, device) -> str:
     fixed = fixed_bytes(s)
     left = MARGIN * memory - fixed
     plan, without = choose(s, left)
-    args.recompute_granularity, args.recompute_method, args.recompute_num_layers = (
-        plan.granularity, plan.method, plan.num_layers)
+    args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest = (
+        plan.granularity, plan.method, plan.num_layers, plan.mlp_rest)
     fits = "" if plan.activations <= left else "; it may not fit"
     return (f"recompute: {plan.name(s.layers)} (estimated activations {size(plan.activations)}, "
             f"{size(without.activations)} without recompute; {size(max(left, 0))} left for them of "

@@ -47,9 +47,13 @@ def describe_recompute(config) -> str:
 
 
 def describe_selective(model) -> str:
-    """" | recompute selective (mlp)" when the built model's MLPs recompute themselves (launch.recompute)."""
-    recomputed = [m for m in model.modules() if getattr(type(m), "recomputed", False)]
-    return " | recompute selective (mlp)" if recomputed else ""
+    """" | recompute selective (mlp)" when the built model's MLPs recompute themselves (launch.recompute), with
+    how many of them where the others sit in layers recomputed whole."""
+    mlps = [m for m in model.modules() if getattr(type(m), "recomputed", False)]
+    selective = sum(getattr(m, "recompute_self", True) for m in mlps)
+    if not selective:
+        return ""
+    return " | recompute selective (mlp)" + (f" in {selective} of {len(mlps)} layers" if selective < len(mlps) else "")
 
 
 def train(args: argparse.Namespace, config: dict) -> None:

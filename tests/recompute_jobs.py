@@ -3,6 +3,9 @@ ring's forward runs per training step, and its loss and gradients."""
 
 from __future__ import annotations
 
+import os
+from unittest import mock
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -72,6 +75,59 @@ def ring_forwards_per_step(cp: int) -> dict:
                 loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
                 loss.backward()
                 out[name] = {"forwards": len(calls), "loss": loss.item(),
+                             "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+        finally:
+            attention._ring_forward = original
+    return out
+
+
+def whole_layers_and_selective(cp: int) -> dict:
+    """The job's GPT (launch.model) with 3 layers, without recompute and with auto's plan "full recompute of
+    the first layer, selective (MLP) in the others" (the fields recompute.resolve sets). Per setting: ring
+    forwards and each layer's MLP forwards in one forward + backward, describe_selective, loss and gradients."""
+    from launch.args import parse_and_check
+    from launch.model import build_model
+    from launch.train import describe_selective
+
+    cpu_recompute_rng()
+    calls = []
+    original = attention._ring_forward
+
+    def counting(*args):
+        calls.append(1)
+        return original(*args)
+
+    out = {}
+    with megatron_parallel(1, cp):
+        group = parallel_state.get_context_parallel_group()
+        g = torch.Generator().manual_seed(7)
+        tokens = torch.randint(0, VOCAB, (1, SEQ), generator=g)
+        batch = shard_batch({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
+                             "position_ids": torch.arange(SEQ)[None]}, "zigzag", group)
+        attention._ring_forward = counting
+        try:
+            for name, plan in (("none", (None, None, None, False)), ("whole_1_mlp_rest", ("full", "block", 1, True))):
+                with mock.patch.dict(os.environ, WORLD_SIZE=str(cp)):  # as the launcher sets it
+                    args, _ = parse_and_check([
+                        "--ring-attention", "--context-parallel-size", str(cp), "--seq-length", str(SEQ),
+                        "--num-layers", str(LAYERS), "--hidden-size", "32", "--ffn-hidden-size", "48",
+                        "--num-attention-heads", "4", "--num-query-groups", "2", "--swiglu", "--normalization",
+                        "RMSNorm", "--disable-bias-linear", "--vocab-size", str(VOCAB), "--recompute-granularity",
+                        "none"])
+                (args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
+                 args.recompute_mlp_rest) = plan
+                torch.manual_seed(args.seed)  # as the job does before building
+                model = build_model(args, VOCAB)
+                layers = model.decoder.layers
+                mlp_calls = [0] * len(layers)
+                for i, layer in enumerate(layers):
+                    layer.mlp.linear_fc1.register_forward_pre_hook(
+                        lambda *_, i=i, seen=mlp_calls: seen.__setitem__(i, seen[i] + 1))
+                calls.clear()
+                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+                loss.backward()
+                out[name] = {"forwards": len(calls), "mlp_forwards": mlp_calls, "loss": loss.item(),
+                             "says": describe_selective(model),
                              "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
         finally:
             attention._ring_forward = original

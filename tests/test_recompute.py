@@ -42,9 +42,11 @@ def test_activation_bytes_per_token_of_the_1b_model():
 
 def test_the_plan_with_least_recomputation_that_fits():
     s = _shape(_args())
-    none, selective, *blocks = recompute.plans(s)
+    none, selective, *rest = recompute.plans(s)
+    blocks = [p for p in rest if not p.mlp_rest]
     assert none.flops == 0 and none.activations > selective.activations > blocks[-1].activations
     assert [b.num_layers for b in blocks] == list(range(1, 23))
+    assert [p.num_layers for p in rest if p.mlp_rest] == list(range(1, 22))
     assert recompute.choose(s, 1e15)[0] == none
     # just below what none needs: recomputing the first layer whole is cheaper than every layer's MLP
     plan, without = recompute.choose(s, none.activations - 1)
@@ -54,11 +56,50 @@ def test_the_plan_with_least_recomputation_that_fits():
     cheap = [b for b in blocks if b.flops < selective.flops]
     assert cheap and min(b.activations for b in cheap) > selective.activations
     assert recompute.choose(s, selective.activations)[0] == selective
-    # below selective: the fewest layers recomputed whole that fit
+    # below selective: the cheapest of the fitting plans, whole layers alone or with selective in the others
     plan = recompute.choose(s, selective.activations - 1)[0]
-    assert plan == min((b for b in blocks if b.activations < selective.activations), key=lambda b: b.num_layers)
+    assert plan == min((p for p in rest if p.activations < selective.activations), key=lambda p: p.flops)
     # nothing fits: every layer, the least memory there is
     assert recompute.choose(s, 0)[0] == blocks[-1]
+
+
+def test_whole_layers_with_selective_in_the_others_at_128k_on_80_gb():
+    """The 1B model at 128k with liger's SwiGLU and loss, 53.5 GB left for activations (an H100, seen
+    2026-12-07): full recompute alone needs the first 17 layers (40.0% MFU measured); with the MLPs of the
+    others recomputing themselves 10 layers whole fit, re-running 3.5 GFLOP less per token."""
+    s = _shape(_args(seq=131072), fused=("swiglu", "cross_entropy"))
+    h, gd = 2048, 4 * 64
+    full, sel, none = 2 * h, 2 * (4 * h + 2 * h + 2 * gd) + 4 * 32 + 8, recompute.layer_bytes(s, "none")
+    work = 4 * (2 * h + 2 * gd)
+    combined = recompute.activations(s, "full", "block", 10, mlp_rest=True)
+    assert combined == 131072 * (10 * full + 11 * sel + none + work)
+    # without mlp_rest the formula is the block one it always was: n whole, the others keep everything
+    assert recompute.activations(s, "full", "block", 17) == 131072 * (17 * full + 5 * none + work)
+    assert recompute.activations(s, "full", "block", 22) == 131072 * (22 * full + none + work)
+    plan = recompute.choose(s, 53.5e9)[0]
+    assert (plan.granularity, plan.num_layers, plan.mlp_rest) == ("full", 10, True)
+    alone = min((p for p in recompute.plans(s) if not p.mlp_rest and p.activations <= 53.5e9), key=lambda p: p.flops)
+    assert alone.num_layers == 17
+    assert (alone.flops - plan.flops) / 131072 > 3.4e9
+    assert plan.name(22) == "full (the first 10 of 22 layers), selective (MLP) in the others"
+
+
+def test_auto_sets_whole_layers_and_selective_in_the_others():
+    """resolve() sets Megatron's block recompute and the job's self-recomputing MLPs in the other layers."""
+    args = _args("--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128", "--num-attention-heads", "4",
+                 "--num-query-groups", "2", seq=4096)
+    args.bf16 = False
+    s = _shape(args)
+    plan = next(p for p in recompute.plans(s) if p.mlp_rest and p.num_layers == 1)
+    cheaper = [p for p in recompute.plans(s) if p.flops < plan.flops]
+    budget = plan.activations + 1
+    assert all(p.activations > budget for p in cheaper), "the test's shape must make this plan the cheapest fit"
+    args.recompute_memory_budget = (budget + recompute.fixed_bytes(s)) / recompute.MARGIN / recompute.GB
+    line = recompute.resolve(args, s, torch.device("cpu"))
+    assert line.startswith("recompute: full (the first 1 of 4 layers), selective (MLP) in the others")
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest) \
+        == ("full", "block", 1, True)
+
 
 
 def test_auto_sets_megatrons_fields_and_says_why():
@@ -115,3 +156,18 @@ def test_selective_recompute_runs_the_ring_once_per_layer(dist_pool):
             assert r["loss"] == plain["loss"], name
             for key, grad in plain["grads"].items():
                 assert torch.equal(r["grads"][key], grad), (name, key)
+
+
+def test_whole_layers_and_selective_in_the_others_give_the_same_step(dist_pool):
+    """A ring of 2, the job's model of 3 layers: with the first layer recomputed whole and the others' MLPs
+    recomputing themselves, the first layer runs the ring twice and its MLP twice (not three times: it does not
+    also recompute itself inside the layer's recompute), the others run the ring once and the MLP twice; the loss
+    and every gradient equal the step without recompute, and the start line says how many MLPs recompute."""
+    for rank in dist_pool(2).run(recompute_jobs.whole_layers_and_selective, 2, timeout=600):
+        plain, mixed = rank["none"], rank["whole_1_mlp_rest"]
+        assert (plain["forwards"], plain["mlp_forwards"], plain["says"]) == (3, [1, 1, 1], "")
+        assert (mixed["forwards"], mixed["mlp_forwards"]) == (4, [2, 2, 2])
+        assert mixed["says"] == " | recompute selective (mlp) in 2 of 3 layers"
+        assert mixed["loss"] == plain["loss"]
+        for key, grad in plain["grads"].items():
+            assert torch.equal(mixed["grads"][key], grad), key
