@@ -3,6 +3,7 @@ ring's forward runs per training step, and its loss and gradients."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from unittest import mock
 
@@ -40,8 +41,10 @@ def _config(cp: int, granularity, modules, method, layers_recomputed) -> Transfo
         recompute_num_layers=layers_recomputed)
 
 
-def ring_forwards_per_step(cp: int) -> dict:
-    """Per setting: {"forwards": ring forwards in one forward + backward, "loss": ..., "grads": {name: grad}}."""
+@contextlib.contextmanager
+def counted_ring(cp: int):
+    """Megatron's groups for a ring of ``cp``; yields (this rank's zigzag shard of one batch, the list that gets
+    an entry per ring forward)."""
     cpu_recompute_rng()  # Megatron's checkpoint saves the CUDA RNG state too; on CPU only the CPU one draws
     calls = []
     original = attention._ring_forward
@@ -50,7 +53,6 @@ def ring_forwards_per_step(cp: int) -> dict:
         calls.append(1)
         return original(*args)
 
-    out = {}
     with megatron_parallel(1, cp):
         group = parallel_state.get_context_parallel_group()
         g = torch.Generator().manual_seed(7)
@@ -59,25 +61,32 @@ def ring_forwards_per_step(cp: int) -> dict:
                              "position_ids": torch.arange(SEQ)[None]}, "zigzag", group)
         attention._ring_forward = counting
         try:
-            for name, (granularity, modules, method, n, stock) in SETTINGS.items():
-                options = RingOptions(layout="zigzag")
-                config = _config(cp, granularity, modules, method, n)
-                torch.manual_seed(0)
-                if stock:  # the ring spec, then its attention module set back to Megatron's own
-                    spec = get_gpt_layer_ring_spec(options, normalization="RMSNorm")
-                    spec.submodules.self_attention.module = SelfAttention
-                    model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
-                                     position_embedding_type="rope")
-                    LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "zigzag")
-                else:
-                    model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, options=options)
-                calls.clear()
-                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
-                loss.backward()
-                out[name] = {"forwards": len(calls), "loss": loss.item(),
-                             "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
+            yield batch, calls
         finally:
             attention._ring_forward = original
+
+
+def ring_forwards_per_step(cp: int) -> dict:
+    """Per setting: {"forwards": ring forwards in one forward + backward, "loss": ..., "grads": {name: grad}}."""
+    out = {}
+    with counted_ring(cp) as (batch, calls):
+        for name, (granularity, modules, method, n, stock) in SETTINGS.items():
+            options = RingOptions(layout="zigzag")
+            config = _config(cp, granularity, modules, method, n)
+            torch.manual_seed(0)
+            if stock:  # the ring spec, then its attention module set back to Megatron's own
+                spec = get_gpt_layer_ring_spec(options, normalization="RMSNorm")
+                spec.submodules.self_attention.module = SelfAttention
+                model = GPTModel(config, spec, vocab_size=VOCAB, max_sequence_length=SEQ,
+                                 position_embedding_type="rope")
+                LayoutRotaryEmbedding.convert(model.rotary_pos_emb, "zigzag")
+            else:
+                model = ring_gpt_model(config, vocab_size=VOCAB, max_sequence_length=SEQ, options=options)
+            calls.clear()
+            loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+            loss.backward()
+            out[name] = {"forwards": len(calls), "loss": loss.item(),
+                         "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
     return out
 
 
@@ -89,46 +98,26 @@ def whole_layers_and_selective(cp: int) -> dict:
     from launch.model import build_model
     from launch.train import describe_selective
 
-    cpu_recompute_rng()
-    calls = []
-    original = attention._ring_forward
-
-    def counting(*args):
-        calls.append(1)
-        return original(*args)
-
+    flags = ["--ring-attention", "--context-parallel-size", str(cp), "--seq-length", str(SEQ), "--num-layers",
+             str(LAYERS), "--hidden-size", "32", "--ffn-hidden-size", "48", "--num-attention-heads", "4",
+             "--num-query-groups", "2", "--swiglu", "--normalization", "RMSNorm", "--disable-bias-linear",
+             "--vocab-size", str(VOCAB), "--recompute-granularity", "none"]
     out = {}
-    with megatron_parallel(1, cp):
-        group = parallel_state.get_context_parallel_group()
-        g = torch.Generator().manual_seed(7)
-        tokens = torch.randint(0, VOCAB, (1, SEQ), generator=g)
-        batch = shard_batch({"tokens": tokens, "labels": torch.roll(tokens, -1, 1),
-                             "position_ids": torch.arange(SEQ)[None]}, "zigzag", group)
-        attention._ring_forward = counting
-        try:
-            for name, plan in (("none", (None, None, None, False)), ("whole_1_mlp_rest", ("full", "block", 1, True))):
-                with mock.patch.dict(os.environ, WORLD_SIZE=str(cp)):  # as the launcher sets it
-                    args, _ = parse_and_check([
-                        "--ring-attention", "--context-parallel-size", str(cp), "--seq-length", str(SEQ),
-                        "--num-layers", str(LAYERS), "--hidden-size", "32", "--ffn-hidden-size", "48",
-                        "--num-attention-heads", "4", "--num-query-groups", "2", "--swiglu", "--normalization",
-                        "RMSNorm", "--disable-bias-linear", "--vocab-size", str(VOCAB), "--recompute-granularity",
-                        "none"])
-                (args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
-                 args.recompute_mlp_rest) = plan
-                torch.manual_seed(args.seed)  # as the job does before building
-                model = build_model(args, VOCAB)
-                layers = model.decoder.layers
-                mlp_calls = [0] * len(layers)
-                for i, layer in enumerate(layers):
-                    layer.mlp.linear_fc1.register_forward_pre_hook(
-                        lambda *_, i=i, seen=mlp_calls: seen.__setitem__(i, seen[i] + 1))
-                calls.clear()
-                loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
-                loss.backward()
-                out[name] = {"forwards": len(calls), "mlp_forwards": mlp_calls, "loss": loss.item(),
-                             "says": describe_selective(model),
-                             "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
-        finally:
-            attention._ring_forward = original
+    with counted_ring(cp) as (batch, calls):
+        for name, plan in (("none", (None, None, None, False)), ("whole_1_mlp_rest", ("full", "block", 1, True))):
+            with mock.patch.dict(os.environ, WORLD_SIZE=str(cp)):  # as the launcher sets it
+                args, _ = parse_and_check(flags)
+            args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest = plan
+            torch.manual_seed(args.seed)  # as the job does before building
+            model = build_model(args, VOCAB)
+            mlp_calls = [0] * len(model.decoder.layers)
+            for i, layer in enumerate(model.decoder.layers):
+                layer.mlp.linear_fc1.register_forward_pre_hook(
+                    lambda *_, i=i, seen=mlp_calls: seen.__setitem__(i, seen[i] + 1))
+            calls.clear()
+            loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).sum()
+            loss.backward()
+            out[name] = {"forwards": len(calls), "mlp_forwards": mlp_calls, "loss": loss.item(),
+                         "says": describe_selective(model),
+                         "grads": {k: p.grad.clone() for k, p in model.named_parameters()}}
     return out
