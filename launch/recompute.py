@@ -47,6 +47,8 @@ def recomputed_mlp(mlp_class: type) -> type:
 
     recomputed = type(f"Recomputed{mlp_class.__name__}", (mlp_class,), {"forward": forward, "recomputed": True})
     return recomputed
+
+
 def whole_layer(config, layer_number: int) -> bool:
     """Whether Megatron recomputes the layer ``layer_number`` (1-based, within its pipeline stage) whole: full
     recompute of the first ``recompute_num_layers`` layers (block) or of every layer (uniform)."""
