@@ -15,9 +15,9 @@ size e of the activations) keeps for backward, per token:
   2gd)/t): the MLP keeps only its input and runs again in backward;
 - ``full`` (a layer recomputed whole): e · h, its input.
 
-Full recompute of the first N layers may be combined with selective recompute in the others (the MLPs of
-layers N+1 .. L recompute themselves): at long sequences, where a layer's recompute is mostly attention, that
-fits with fewer layers recomputed whole than full recompute alone.
+Selective recompute may cover only the first M layers, and full recompute of the first N layers may be
+combined with selective recompute in the others (the MLPs of layers N+1 .. L recompute themselves): at long
+sequences, where a layer's recompute is mostly attention, that fits with fewer layers recomputed whole.
 
 The rest of the rank: model states (weights, gradients, AdamW states, as DeepSpeed's ZeRO stage splits
 them), the logits with their float32 softmax (or liger's chunked fused linear cross-entropy), and the
@@ -134,19 +134,23 @@ def logits_bytes(s: Shape) -> float:
 
 
 def activations(s: Shape, granularity: str | None, method: str | None = None, n: int | None = None,
-                mlp_rest: bool = False) -> float:
+                mlp_layers: int | None = None) -> float:
     """Activation bytes of the rank's micro batch under a recompute setting (full: ``method`` block or uniform
-    with ``n`` layers; ``mlp_rest``: selective recompute in the layers block leaves), the working set of one
-    recomputed layer and the ring's float32 buffers included."""
+    with ``n`` layers), the working set of one recomputed layer and the ring's float32 buffers included.
+    ``mlp_layers``: how many layers (after block's whole ones) recompute their MLP; default every layer for
+    selective, none for full."""
     L = s.layers
     none, sel, full = (layer_bytes(s, m) for m in ("none", "selective", "full"))
     work = 4 * (2 * s.hidden + 2 * s.kv_heads * (s.hidden // s.heads)) / s.tensor  # ring state, dq, dk, dv
     if granularity is None:
         per_token = L * none
-    elif granularity == "selective":
-        per_token = L * sel + none - sel
-    elif method == "block":  # backward reaches the recomputed layers after freeing the others'; one layer's
-        per_token = n * full + max(L - n - 1, 0) * (sel if mlp_rest else none) + none  # whole working set
+    elif granularity == "selective":  # one MLP's working set on top
+        m = L if mlp_layers is None else mlp_layers
+        per_token = m * sel + (L - m) * none + none - sel
+    elif method == "block":  # backward reaches the recomputed layers after freeing the others'
+        m = mlp_layers or 0
+        working = none - sel if m else (none if n == L else 0)  # one MLP's, or one whole layer's with no others
+        per_token = n * full + m * sel + (L - n - m) * none + working
     else:  # uniform: each chunk of n layers keeps its input; one chunk is recomputed at a time
         per_token = -(-L // n) * full + n * none
     return s.tokens * (per_token + work)
@@ -160,7 +164,7 @@ class Plan:
     num_layers: int | None = None  # full: the first N layers (recompute_method "block")
     activations: float = 0.0  # bytes
     flops: float = 0.0  # recomputed forward FLOPs per micro batch
-    mlp_rest: bool = False  # full: the other layers' MLPs recompute themselves (selective)
+    mlp_layers: int = 0  # the MLPs of the layers after the whole ones that recompute themselves (selective)
 
     @property
     def method(self) -> str | None:
@@ -169,23 +173,27 @@ class Plan:
     def name(self, layers: int) -> str:
         if self.granularity == "full":
             name = f"full (the first {self.num_layers} of {layers} layers)" if self.num_layers < layers else "full"
-            return name + (", selective (MLP) in the others" if self.mlp_rest else "")
+            return name + (", selective (MLP) in the others" if self.mlp_layers else "")
+        if self.granularity == "selective" and self.mlp_layers < layers:
+            return f"selective (MLP) in the first {self.mlp_layers} of {layers} layers"
         return self.granularity or "none"
 
 
 def plans(s: Shape) -> list[Plan]:
     """Every plan the policy considers, with its activation bytes and recomputed FLOPs per micro batch:
-    none, selective, full recompute of the first N layers for N = 1 .. layers, and for N = 1 .. layers - 1
-    with selective recompute in the others."""
+    none, selective in the first M layers for M = layers .. 1, full recompute of the first N layers for
+    N = 1 .. layers, and for N = 1 .. layers - 1 with selective recompute in the others."""
     h, f, t, n = s.hidden, s.ffn, s.tensor, s.tokens
     d = h // s.heads
     mlp_flops = 2 * (3 if s.gated else 2) * h * f / t
     layer_flops = 2 * (h * (h + 2 * s.kv_heads * d) + h * h) / t + mlp_flops + 2 * s.seq * h / t  # causal
-    out = [Plan(None, activations=activations(s, None)),
-           Plan("selective", activations=activations(s, "selective"), flops=n * s.layers * mlp_flops)]
-    out += [Plan("full", k, activations(s, "full", "block", k), n * k * layer_flops) for k in range(1, s.layers + 1)]
-    out += [Plan("full", k, activations(s, "full", "block", k, mlp_rest=True),
-                 n * (k * layer_flops + (s.layers - k) * mlp_flops), mlp_rest=True) for k in range(1, s.layers)]
+    L = s.layers
+    out = [Plan(None, activations=activations(s, None))]
+    out += [Plan("selective", activations=activations(s, "selective", mlp_layers=m), flops=n * m * mlp_flops,
+                 mlp_layers=m) for m in range(L, 0, -1)]
+    out += [Plan("full", k, activations(s, "full", "block", k), n * k * layer_flops) for k in range(1, L + 1)]
+    out += [Plan("full", k, activations(s, "full", "block", k, mlp_layers=L - k),
+                 n * (k * layer_flops + (L - k) * mlp_flops), mlp_layers=L - k) for k in range(1, L)]
     return out
 
 
@@ -229,7 +237,7 @@ def resolve(args: argparse.Namespace, s: Shape, device) -> str:
     """Turn --recompute-granularity auto into a plan (sets ``args.recompute_granularity``, ``_method``,
     ``_num_layers``) and return the line that says what was chosen and why."""
     mode = args.recompute_granularity
-    args.recompute_mlp_rest = False  # the MLPs of layers not recomputed whole recompute themselves (auto's plans)
+    args.recompute_mlp_layers = None  # after the whole layers, how many MLPs recompute themselves (None: all)
     if mode != "auto":
         estimate = activations(s, mode, args.recompute_method, args.recompute_num_layers)
         n = args.recompute_num_layers
@@ -243,8 +251,8 @@ def resolve(args: argparse.Namespace, s: Shape, device) -> str:
     fixed = fixed_bytes(s)
     left = MARGIN * memory - fixed
     plan, without = choose(s, left)
-    args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest = (
-        plan.granularity, plan.method, plan.num_layers, plan.mlp_rest)
+    args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_layers = (
+        plan.granularity, plan.method, plan.num_layers, plan.mlp_layers)
     fits = "" if plan.activations <= left else "; it may not fit"
     return (f"recompute: {plan.name(s.layers)} (estimated activations {size(plan.activations)}, "
             f"{size(without.activations)} without recompute; {size(max(left, 0))} left for them of "

@@ -91,8 +91,9 @@ def ring_forwards_per_step(cp: int) -> dict:
 
 
 def whole_layers_and_selective(cp: int) -> dict:
-    """The job's GPT (launch.model) with 3 layers, without recompute and with auto's plan "full recompute of
-    the first layer, selective (MLP) in the others" (the fields recompute.resolve sets). Per setting: ring
+    """The job's GPT (launch.model) with 3 layers, without recompute and with two of auto's plans, "full
+    recompute of the first layer, selective (MLP) in the others" and "selective in the first 2 layers" (the
+    fields recompute.resolve sets). Per setting: ring
     forwards and each layer's MLP forwards in one forward + backward, describe_selective, loss and gradients."""
     from launch.args import parse_and_check
     from launch.model import build_model
@@ -104,10 +105,12 @@ def whole_layers_and_selective(cp: int) -> dict:
              "--vocab-size", str(VOCAB), "--recompute-granularity", "none"]
     out = {}
     with counted_ring(cp) as (batch, calls):
-        for name, plan in (("none", (None, None, None, False)), ("whole_1_mlp_rest", ("full", "block", 1, True))):
+        for name, plan in (("none", (None, None, None, 0)), ("whole_1_mlp_rest", ("full", "block", 1, LAYERS - 1)),
+                           ("selective_first_2", ("selective", None, None, 2))):
             with mock.patch.dict(os.environ, WORLD_SIZE=str(cp)):  # as the launcher sets it
                 args, _ = parse_and_check(flags)
-            args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest = plan
+            (args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
+             args.recompute_mlp_layers) = plan
             torch.manual_seed(args.seed)  # as the job does before building
             model = build_model(args, VOCAB)
             mlp_calls = [0] * len(model.decoder.layers)

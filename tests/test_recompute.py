@@ -43,22 +43,29 @@ def test_activation_bytes_per_token_of_the_1b_model():
 def test_the_plan_with_least_recomputation_that_fits():
     s = _shape(_args())
     none, selective, *rest = recompute.plans(s)
-    blocks = [p for p in rest if not p.mlp_rest]
+    partial = [p for p in rest if p.granularity == "selective"]
+    blocks = [p for p in rest if p.granularity == "full" and not p.mlp_layers]
     assert none.flops == 0 and none.activations > selective.activations > blocks[-1].activations
+    assert selective.mlp_layers == 22 and [p.mlp_layers for p in partial] == list(range(21, 0, -1))
     assert [b.num_layers for b in blocks] == list(range(1, 23))
-    assert [p.num_layers for p in rest if p.mlp_rest] == list(range(1, 22))
+    assert [(p.num_layers, p.mlp_layers) for p in rest if p.granularity == "full" and p.mlp_layers] == [
+        (k, 22 - k) for k in range(1, 22)]
+    rest = [p for p in rest if p.granularity == "full"]
     assert recompute.choose(s, 1e15)[0] == none
-    # just below what none needs: recomputing the first layer whole is cheaper than every layer's MLP
+    # just below what none needs: the MLPs of the first 2 layers (one MLP frees nothing: its recompute's working
+    # set is what it saves), cheaper at 16k than recomputing the first layer whole, which beats every MLP
     plan, without = recompute.choose(s, none.activations - 1)
-    assert (plan.granularity, plan.num_layers, without) == ("full", 1, none)
-    assert blocks[0].flops < selective.flops
-    # room for selective but for no block as cheap: selective
+    assert (plan.granularity, plan.mlp_layers, without) == ("selective", 2, none)
+    assert partial[-1].activations == none.activations and partial[-2].flops < blocks[0].flops < selective.flops
+    # room for selective but for no block as cheap: selective; a little more room: selective in fewer layers
     cheap = [b for b in blocks if b.flops < selective.flops]
     assert cheap and min(b.activations for b in cheap) > selective.activations
     assert recompute.choose(s, selective.activations)[0] == selective
+    assert recompute.choose(s, partial[0].activations)[0] == partial[0]
     # below selective: the cheapest of the fitting plans, whole layers alone or with selective in the others
     plan = recompute.choose(s, selective.activations - 1)[0]
     assert plan == min((p for p in rest if p.activations < selective.activations), key=lambda p: p.flops)
+    assert plan.granularity == "full"
     # nothing fits: every layer, the least memory there is
     assert recompute.choose(s, 0)[0] == blocks[-1]
 
@@ -71,17 +78,23 @@ def test_whole_layers_with_selective_in_the_others_at_128k_on_80_gb():
     h, gd = 2048, 4 * 64
     full, sel, none = 2 * h, 2 * (4 * h + 2 * h + 2 * gd) + 4 * 32 + 8, recompute.layer_bytes(s, "none")
     work = 4 * (2 * h + 2 * gd)
-    combined = recompute.activations(s, "full", "block", 10, mlp_rest=True)
+    combined = recompute.activations(s, "full", "block", 10, mlp_layers=12)
     assert combined == 131072 * (10 * full + 11 * sel + none + work)
     # without mlp_rest the formula is the block one it always was: n whole, the others keep everything
     assert recompute.activations(s, "full", "block", 17) == 131072 * (17 * full + 5 * none + work)
     assert recompute.activations(s, "full", "block", 22) == 131072 * (22 * full + none + work)
     plan = recompute.choose(s, 53.5e9)[0]
-    assert (plan.granularity, plan.num_layers, plan.mlp_rest) == ("full", 10, True)
-    alone = min((p for p in recompute.plans(s) if not p.mlp_rest and p.activations <= 53.5e9), key=lambda p: p.flops)
+    assert (plan.granularity, plan.num_layers, plan.mlp_layers) == ("full", 10, 12)
+    alone = min((p for p in recompute.plans(s) if p.granularity == "full" and not p.mlp_layers
+                 and p.activations <= 53.5e9), key=lambda p: p.flops)
     assert alone.num_layers == 17
     assert (alone.flops - plan.flops) / 131072 > 3.4e9
     assert plan.name(22) == "full (the first 10 of 22 layers), selective (MLP) in the others"
+    # 64k, 53.7 GB (the same H100 run chose selective in every layer): 17 MLPs recompute, the last 5 keep theirs
+    s64 = _shape(_args(seq=65536), fused=("swiglu", "cross_entropy"))
+    plan = recompute.choose(s64, 53.7e9)[0]
+    assert (plan.granularity, plan.mlp_layers, plan.name(22)) == (
+        "selective", 17, "selective (MLP) in the first 17 of 22 layers")
 
 
 def test_auto_sets_whole_layers_and_selective_in_the_others():
@@ -90,15 +103,15 @@ def test_auto_sets_whole_layers_and_selective_in_the_others():
                  "--num-query-groups", "2", seq=4096)
     args.bf16 = False
     s = _shape(args)
-    plan = next(p for p in recompute.plans(s) if p.mlp_rest and p.num_layers == 1)
+    plan = next(p for p in recompute.plans(s) if p.granularity == "full" and p.mlp_layers and p.num_layers == 1)
     cheaper = [p for p in recompute.plans(s) if p.flops < plan.flops]
     budget = plan.activations + 1
     assert all(p.activations > budget for p in cheaper), "the test's shape must make this plan the cheapest fit"
     args.recompute_memory_budget = (budget + recompute.fixed_bytes(s)) / recompute.MARGIN / recompute.GB
     line = recompute.resolve(args, s, torch.device("cpu"))
     assert line.startswith("recompute: full (the first 1 of 4 layers), selective (MLP) in the others")
-    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_rest) \
-        == ("full", "block", 1, True)
+    assert (args.recompute_granularity, args.recompute_method, args.recompute_num_layers, args.recompute_mlp_layers) \
+        == ("full", "block", 1, 3)
 
 
 
@@ -168,6 +181,10 @@ def test_whole_layers_and_selective_in_the_others_give_the_same_step(dist_pool):
         assert (plain["forwards"], plain["mlp_forwards"], plain["says"]) == (3, [1, 1, 1], "")
         assert (mixed["forwards"], mixed["mlp_forwards"]) == (4, [2, 2, 2])
         assert mixed["says"] == " | recompute selective (mlp) in 2 of 3 layers"
-        assert mixed["loss"] == plain["loss"]
-        for key, grad in plain["grads"].items():
-            assert torch.equal(mixed["grads"][key], grad), key
+        partial = rank["selective_first_2"]  # the third layer keeps its MLP's activations
+        assert (partial["forwards"], partial["mlp_forwards"]) == (3, [2, 2, 1])
+        assert partial["says"] == " | recompute selective (mlp) in 2 of 3 layers"
+        for run in (mixed, partial):
+            assert run["loss"] == plain["loss"]
+            for key, grad in plain["grads"].items():
+                assert torch.equal(run["grads"][key], grad), key
