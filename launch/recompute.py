@@ -144,9 +144,9 @@ def activations(s: Shape, granularity: str | None, method: str | None = None, n:
     work = 4 * (2 * s.hidden + 2 * s.kv_heads * (s.hidden // s.heads)) / s.tensor  # ring state, dq, dk, dv
     if granularity is None:
         per_token = L * none
-    elif granularity == "selective":  # one MLP's working set on top
+    elif granularity == "selective":  # the first m layers: backward frees the others' before it recomputes any
         m = L if mlp_layers is None else mlp_layers
-        per_token = m * sel + (L - m) * none + none - sel
+        per_token = m * sel + (L - m) * none + (none - sel if m == L else 0)  # the last layer's MLP recompute
     elif method == "block":  # backward reaches the recomputed layers after freeing the others'
         m = mlp_layers or 0
         working = none - sel if m else (none if n == L else 0)  # one MLP's, or one whole layer's with no others

@@ -52,16 +52,18 @@ def test_the_plan_with_least_recomputation_that_fits():
         (k, 22 - k) for k in range(1, 22)]
     rest = [p for p in rest if p.granularity == "full"]
     assert recompute.choose(s, 1e15)[0] == none
-    # just below what none needs: the MLPs of the first 2 layers (one MLP frees nothing: its recompute's working
-    # set is what it saves), cheaper at 16k than recomputing the first layer whole, which beats every MLP
+    # just below what none needs: the first layer's MLP (backward recomputes it after freeing the other layers'
+    # activations), cheaper than recomputing the first layer whole, which is cheaper than every layer's MLP
     plan, without = recompute.choose(s, none.activations - 1)
-    assert (plan.granularity, plan.mlp_layers, without) == ("selective", 2, none)
-    assert partial[-1].activations == none.activations and partial[-2].flops < blocks[0].flops < selective.flops
-    # room for selective but for no block as cheap: selective; a little more room: selective in fewer layers
+    assert (plan.granularity, plan.mlp_layers, without) == ("selective", 1, none)
+    assert partial[-1].flops < blocks[0].flops < selective.flops
+    # room for selective but for no block as cheap: selective, but not in the last layer, whose MLP backward would
+    # recompute right away with every other layer's activations still held (the same peak, one MLP more)
     cheap = [b for b in blocks if b.flops < selective.flops]
     assert cheap and min(b.activations for b in cheap) > selective.activations
-    assert recompute.choose(s, selective.activations)[0] == selective
-    assert recompute.choose(s, partial[0].activations)[0] == partial[0]
+    assert partial[0].activations == selective.activations
+    assert recompute.choose(s, selective.activations)[0] == partial[0]
+    assert recompute.choose(s, partial[1].activations)[0] == partial[1]
     # below selective: the cheapest of the fitting plans, whole layers alone or with selective in the others
     plan = recompute.choose(s, selective.activations - 1)[0]
     assert plan == min((p for p in rest if p.activations < selective.activations), key=lambda p: p.flops)
@@ -90,11 +92,14 @@ def test_whole_layers_with_selective_in_the_others_at_128k_on_80_gb():
     assert alone.num_layers == 17
     assert (alone.flops - plan.flops) / 131072 > 3.4e9
     assert plan.name(22) == "full (the first 10 of 22 layers), selective (MLP) in the others"
-    # 64k, 53.7 GB (the same H100 run chose selective in every layer): 17 MLPs recompute, the last 5 keep theirs
+    # 64k, 53.7 GB (the same H100 run chose selective in every layer): 16 MLPs recompute, the last 6 keep theirs
     s64 = _shape(_args(seq=65536), fused=("swiglu", "cross_entropy"))
     plan = recompute.choose(s64, 53.7e9)[0]
     assert (plan.granularity, plan.mlp_layers, plan.name(22)) == (
-        "selective", 17, "selective (MLP) in the first 17 of 22 layers")
+        "selective", 16, "selective (MLP) in the first 16 of 22 layers")
+    none, sel = recompute.layer_bytes(s64, "none"), recompute.layer_bytes(s64, "selective")
+    assert recompute.activations(s64, "selective", mlp_layers=16) == 65536 * (16 * sel + 6 * none + work)
+    assert recompute.activations(s64, "selective") == 65536 * (22 * sel + none - sel + work)
 
 
 def test_auto_sets_whole_layers_and_selective_in_the_others():
