@@ -282,6 +282,7 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
              f"Command: `{command_line()}`", "", f"Model flags: `{shlex.join(opts.model_args)}`", "",
              mfu_formula(opts.model_args, opts.peak_tflops), ""]
     if scaled:
+        mismatches = kernel_mismatches(scaled)
         rows = []
         for r in scaled:
             ok = r["status"] == "ok"
@@ -298,7 +299,7 @@ def write_report(opts, env: dict, scaled: list[dict], loss: dict | None) -> None
                   *table(["setup", "seq", "status", "tokens/s per GPU", "MFU", "peak memory (MB)",
                           "attention kernel"], rows), "",
                   *([f"**Not like for like**: the runs of one length used different attention kernels "
-                     f"({'; '.join(kernel_mismatches(scaled))})", ""] if kernel_mismatches(scaled) else []),
+                     f"({'; '.join(mismatches)})", ""] if mismatches else []),
                   *(["\\* from an earlier call (`--previous`): "
                      + ", ".join(sorted({r["previous"] for r in scaled if r.get("previous")})), ""]
                     if any(r.get("previous") for r in scaled) else []),

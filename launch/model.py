@@ -35,18 +35,16 @@ class SeededTransformerLayer(TransformerLayer):
     """Megatron-core's ``TransformerLayer`` whose weights come from a seed of its global layer number.
 
     ``seed`` comes from the layer spec's params; the global number is Megatron's (the layer number
-    within the pipeline stage plus the stage's offset). ``recompute_mlp_upto``: with a self-recomputing MLP
-    (launch.recompute), the last layer of the stage whose MLP recomputes itself (None: every layer), unless
-    Megatron recomputes the layer whole."""
+    within the pipeline stage plus the stage's offset). ``last_mlp_layer``: with a self-recomputing MLP, the
+    last layer of the stage whose MLP recomputes itself (``launch.recompute.last_mlp_layer``)."""
 
     def __init__(self, config, submodules, layer_number: int = 1, *args, seed: int = 0,
-                 recompute_mlp_upto: int | None = None, **kwargs):
+                 last_mlp_layer: int | None = None, **kwargs):
         offset = get_transformer_layer_offset(config, kwargs.get("vp_stage"))
         torch.manual_seed(layer_seed(seed, layer_number + offset))
         super().__init__(config, submodules, layer_number, *args, **kwargs)
-        if getattr(type(self.mlp), "recomputed", False):  # a layer Megatron recomputes whole keeps nothing to drop
-            self.mlp.recompute_self = not recompute.whole_layer(config, layer_number) and (
-                recompute_mlp_upto is None or layer_number <= recompute_mlp_upto)
+        if getattr(type(self.mlp), "recomputed", False):
+            self.mlp.recompute_self = recompute.mlp_recomputes(config, layer_number, last_mlp_layer)
 
 
 def transformer_config(args):
@@ -85,8 +83,8 @@ def layer_spec(args, config):
         from megatron_patch.liger import with_liger_kernels
 
         spec, _ = with_liger_kernels(spec, config)
-    mlps = getattr(args, "recompute_mlp_layers", None)  # auto's plans; None: every layer (--recompute-activations)
-    if args.recompute_granularity == "selective" or mlps:
+    last_mlp = recompute.last_mlp_layer(args)
+    if last_mlp != 0:
         spec.submodules.mlp.module = recompute.recomputed_mlp(spec.submodules.mlp.module)
     if args.ring_attention:
         spec = with_ring_core_attention(spec, RingOptions.from_args(args))
@@ -95,8 +93,7 @@ def layer_spec(args, config):
 
         spec.submodules.self_attention.submodules.core_attention = DenseCoreAttention
     spec.module = SeededTransformerLayer
-    whole = args.recompute_num_layers if args.recompute_granularity == "full" else 0
-    spec.params = {**spec.params, "seed": args.seed, "recompute_mlp_upto": None if mlps is None else whole + mlps}
+    spec.params = {**spec.params, "seed": args.seed, "last_mlp_layer": last_mlp}
     return spec
 
 

@@ -57,6 +57,21 @@ def whole_layer(config, layer_number: int) -> bool:
     return config.recompute_method != "block" or layer_number <= config.recompute_num_layers
 
 
+def last_mlp_layer(args: argparse.Namespace) -> int | None:
+    """Under the job's recompute settings, the last layer of a stage whose MLP recomputes itself: 0 when none
+    does, None when every layer does (``--recompute-activations``, or auto's selective in every layer)."""
+    mlps = getattr(args, "recompute_mlp_layers", None)  # auto's plans (resolve); None: as the flags say
+    if mlps is None:
+        return None if args.recompute_granularity == "selective" else 0
+    return mlps and (args.recompute_num_layers if args.recompute_granularity == "full" else 0) + mlps
+
+
+def mlp_recomputes(config, layer_number: int, last: int | None) -> bool:
+    """Whether layer ``layer_number``'s self-recomputing MLP recomputes itself: it sits at or before ``last``
+    (:func:`last_mlp_layer`) in a layer Megatron does not recompute whole, which keeps nothing to drop."""
+    return not whole_layer(config, layer_number) and (last is None or layer_number <= last)
+
+
 MARGIN = 0.9  # of the memory available, what the plan may fill (allocator slack, NCCL and DeepSpeed buffers)
 
 

@@ -193,3 +193,17 @@ def test_whole_layers_and_selective_in_the_others_give_the_same_step(dist_pool):
             assert run["loss"] == plain["loss"]
             for key, grad in plain["grads"].items():
                 assert torch.equal(run["grads"][key], grad), key
+
+
+@pytest.mark.parametrize("settings,last", [
+    (dict(recompute_granularity="selective"), None),  # --recompute-activations: every layer's MLP
+    (dict(recompute_granularity="full", recompute_num_layers=3), 0),  # forced full: no MLP of its own
+    (dict(recompute_granularity=None, recompute_mlp_layers=0), 0),  # auto: none
+    (dict(recompute_granularity="full", recompute_num_layers=3, recompute_mlp_layers=0), 0),  # auto: whole only
+    (dict(recompute_granularity="full", recompute_num_layers=3, recompute_mlp_layers=19), 22),  # whole + the others
+    (dict(recompute_granularity="selective", recompute_mlp_layers=16), 16),  # auto: the first 16 MLPs
+])
+def test_the_last_layer_whose_mlp_recomputes(settings, last):
+    import argparse
+
+    assert recompute.last_mlp_layer(argparse.Namespace(**settings)) == last
